@@ -1,0 +1,249 @@
+"""Typed experiment configuration: TOML in, validated dataclasses out, resolved TOML back.
+
+Every error names the offending field as `section.key` and, for choices, the allowed values, so a
+user can fix a config without reading code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the field."""
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or not math.isfinite(value):
+        raise ConfigError(f"{name} = {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> None:
+    if not (low <= value <= high):
+        raise ConfigError(f"{name} = {value!r} must lie in [{low}, {high}]")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "auto"        # auto = fashion-mnist when installed, else digits
+    path: str = ""               # directory of IDX files; "" = $GOSSIPFL_DATA or the Debian path
+    partition: str = "dirichlet"
+    alpha: float = 0.3           # Dirichlet concentration (smaller = more label skew)
+    shards_per_node: int = 2     # labels per node for partition = "shards"
+    synthetic_samples: int = 4000
+    synthetic_features: int = 20
+    synthetic_classes: int = 4
+
+    DATASETS = ("auto", "fashion-mnist", "mnist", "digits", "synthetic")
+    PARTITIONS = ("iid", "dirichlet", "shards")
+
+    def validate(self) -> None:
+        _choice("data.dataset", self.dataset, self.DATASETS)
+        _choice("data.partition", self.partition, self.PARTITIONS)
+        _positive("data.alpha", self.alpha)
+        _positive("data.shards_per_node", self.shards_per_node)
+        for name in ("synthetic_samples", "synthetic_features"):
+            _positive(f"data.{name}", getattr(self, name))
+        if self.synthetic_classes < 2:
+            raise ConfigError(f"data.synthetic_classes = {self.synthetic_classes} must be >= 2")
+
+
+@dataclass
+class TopologyConfig:
+    kind: str = "ring"
+    nodes: int = 16
+    file: str = ""               # a graph file (edge list, GraphML, JSON) overrides kind/nodes
+    p: float = 0.3               # erdos_renyi edge probability; small_world rewiring probability
+    degree: int = 4              # random_regular
+    radius: float = 0.4          # random_geometric
+    k: int = 4                   # small_world ring neighbours
+    rows: int = 0                # grid/torus rows (0 = squarest)
+
+    def validate(self) -> None:
+        from .topology import KINDS
+        if not self.file:
+            _choice("topology.kind", self.kind, KINDS)
+        if self.nodes < 1:
+            raise ConfigError(f"topology.nodes = {self.nodes} must be >= 1")
+        _in_range("topology.p", self.p, 0.0, 1.0)
+        _positive("topology.radius", self.radius)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [200])  # MLP hidden widths
+    width: int = 16              # CNN / ResNet base channels
+
+    NAMES = ("mlp", "cnn", "resnet", "logistic")
+
+    def validate(self) -> None:
+        _choice("model.name", self.name, self.NAMES)
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError(f"model.hidden = {self.hidden} must hold positive widths")
+        _positive("model.width", self.width)
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 10        # K minibatch steps per round
+    batch_size: int = 32
+    lr: float = 0.1
+    lr_decay: float = 0.998      # multiplied into lr once per round
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    rho: float = 0.05            # SAM radius; 0 = plain SGD (DFedAvg)
+
+    def validate(self) -> None:
+        _positive("train.local_steps", self.local_steps, allow_zero=True)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.lr", self.lr)
+        _in_range("train.lr_decay", self.lr_decay, 0.0, 1.0)
+        _in_range("train.momentum", self.momentum, 0.0, 0.999)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train.rho", self.rho, allow_zero=True)
+
+
+@dataclass
+class GossipConfig:
+    steps: int = 4               # Q gossip steps per round (DFedSAM-MGS); 1 = DFedSAM
+    weights: str = "metropolis"
+    merge: str = "mean"
+    variance_target: str = "follow_others"
+    conservative_c: float = 0.5  # share of the variance gap closed by merge = "variance_corrected"
+    init: str = "common"         # common = one initial model for all; independent = one per node
+
+    WEIGHTS = ("metropolis", "max_degree", "uniform_neighbourhood", "best_constant")
+    MERGES = ("mean", "variance_corrected")
+    TARGETS = ("follow_others", "follow_self", "conservative")
+    INITS = ("common", "independent")
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"gossip.steps = {self.steps} must be >= 1")
+        _choice("gossip.weights", self.weights, self.WEIGHTS)
+        _choice("gossip.merge", self.merge, self.MERGES)
+        _choice("gossip.variance_target", self.variance_target, self.TARGETS)
+        _in_range("gossip.conservative_c", self.conservative_c, 0.0, 1.0)
+        _choice("gossip.init", self.init, self.INITS)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1               # evaluate every this many rounds (and always after the last)
+    batch_size: int = 2000
+
+    def validate(self) -> None:
+        _positive("eval.every", self.every)
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = 30
+    output: str = "runs"         # parent folder of run folders
+    threads: int = 1             # torch threads for this process
+    data: DataConfig = field(default_factory=DataConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        if self.rounds < 1:
+            raise ConfigError(f"rounds = {self.rounds} must be >= 1")
+        if self.threads < 1:
+            raise ConfigError(f"threads = {self.threads} must be >= 1")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown field {prefix}{unknown[0]}; known fields: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, default, kind)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, default: Any, kind: Any) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    else:  # pragma: no cover - every field has one of the types above
+        ok = True
+    if not ok:
+        raise ConfigError(f"{name} = {value!r} has the wrong type; expected {kind}")
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    return _build(ExperimentConfig, data, "").validate()
+
+
+def load(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment TOML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    return from_dict(data)
+
+
+def quickstart() -> ExperimentConfig:
+    """The built-in quickstart experiment (also shipped as simulations/quickstart.toml)."""
+    text = resources.files("gossipfl").joinpath("quickstart.toml").read_text()
+    return from_dict(tomllib.loads(text))

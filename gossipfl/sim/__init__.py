@@ -1,0 +1,5 @@
+"""In-process runtimes: many nodes in one Python process."""
+
+from .engine import Simulation
+
+__all__ = ["Simulation"]

@@ -1,0 +1,7 @@
+"""How nodes exchange messages. A Node sees only the `Transport` interface; the memory transport
+serves the in-process simulator and (later) ZeroMQ serves node processes."""
+
+from .base import Message, Transport
+from .memory import MemoryNetwork, MemoryTransport
+
+__all__ = ["Message", "Transport", "MemoryNetwork", "MemoryTransport"]

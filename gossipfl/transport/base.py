@@ -1,0 +1,52 @@
+"""The transport interface every runtime implements, and the message that travels over it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Message:
+    """A flat parameter vector with the header fields a receiver needs to place it.
+
+    `extra` carries optional, extensible header fields (peer views for sampling, for example);
+    receivers ignore keys they do not know.
+    """
+    kind: str
+    sender: int
+    round: int
+    step: int
+    vector: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.vector.numel() * self.vector.element_size()
+
+
+class Transport(ABC):
+    """Point-to-point delivery between node ids, plus a bounded wait for one gossip step."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.messages_sent = 0
+
+    @abstractmethod
+    def send(self, dst: int, message: Message) -> None:
+        """Queue `message` for node `dst`; never blocks on a slow or dead peer."""
+
+    @abstractmethod
+    def receive(self, kind: str, round_index: int, step: int, senders: set[int]) -> dict[int, Message]:
+        """Messages of this (kind, round, step) from `senders`; returns when all arrived or the
+        step's deadline passed, so a missing sender is simply absent from the result."""
+
+    def _count(self, message: Message) -> None:
+        self.bytes_sent += message.nbytes
+        self.messages_sent += 1
+
+    def close(self) -> None:
+        """Release sockets or queues."""

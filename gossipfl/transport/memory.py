@@ -1,0 +1,34 @@
+"""In-process transport: per-node mailboxes in one shared dict. Delivery is instant, so a
+simulator that sends for every node before any node receives never waits."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .base import Message, Transport
+
+Key = tuple[str, int, int]  # (kind, round, step)
+
+
+class MemoryNetwork:
+    """The mailboxes of all nodes of one simulation."""
+
+    def __init__(self) -> None:
+        self.mailboxes: dict[int, dict[Key, dict[int, Message]]] = defaultdict(lambda: defaultdict(dict))
+
+    def endpoint(self, node: int) -> "MemoryTransport":
+        return MemoryTransport(self, node)
+
+
+class MemoryTransport(Transport):
+    def __init__(self, network: MemoryNetwork, node: int):
+        super().__init__()
+        self.network, self.node = network, node
+
+    def send(self, dst: int, message: Message) -> None:
+        self.network.mailboxes[dst][(message.kind, message.round, message.step)][message.sender] = message
+        self._count(message)
+
+    def receive(self, kind: str, round_index: int, step: int, senders: set[int]) -> dict[int, Message]:
+        box = self.network.mailboxes[self.node].pop((kind, round_index, step), {})
+        return {s: m for s, m in box.items() if s in senders}
