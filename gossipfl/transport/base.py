@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ class Transport(ABC):
     def __init__(self) -> None:
         self.bytes_sent = 0
         self.messages_sent = 0
+        self.rejected: Counter[str] = Counter()  # dropped incoming messages by reason (bad_checksum, late, ...)
 
     @abstractmethod
     def send(self, dst: int, message: Message) -> None:
