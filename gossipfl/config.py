@@ -129,7 +129,8 @@ class GossipConfig:
     weights: str = "metropolis"
     merge: str = "mean"
     variance_target: str = "follow_others"
-    conservative_c: float = 0.5  # share of the variance gap closed by merge = "variance_corrected"
+    conservative_c: float = 0.5  # share of the variance gap closed by variance_target = "conservative"
+    variance_eps: float = 1e-4   # epsilon of the variance ratio (Tian et al.); biases layers with var ~ eps
     init: str = "common"         # common = one initial model for all; independent = one per node
 
     WEIGHTS = ("metropolis", "max_degree", "uniform_neighbourhood", "best_constant")
@@ -144,6 +145,7 @@ class GossipConfig:
         _choice("gossip.merge", self.merge, self.MERGES)
         _choice("gossip.variance_target", self.variance_target, self.TARGETS)
         _in_range("gossip.conservative_c", self.conservative_c, 0.0, 1.0)
+        _positive("gossip.variance_eps", self.variance_eps, allow_zero=True)
         _choice("gossip.init", self.init, self.INITS)
 
 
@@ -231,16 +233,20 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
     return _build(ExperimentConfig, data, "").validate()
 
 
-def load(path: str | Path) -> ExperimentConfig:
-    """Read and validate an experiment TOML file."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file into a dict, with file-named errors."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-    return from_dict(data)
+
+
+def load(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment TOML file."""
+    return from_dict(read_toml(path))
 
 
 def quickstart() -> ExperimentConfig:

@@ -85,7 +85,7 @@ class Experiment:
         trainer = LocalTrainer(flat, self.dataset.x_train[part], self.dataset.y_train[part], self.cfg.train,
                                seed=self.cfg.seed, node=node)
         g = self.cfg.gossip
-        merger = Merger(flat.layout, g.merge, g.variance_target, g.conservative_c)
+        merger = Merger(flat.layout, g.merge, g.variance_target, g.conservative_c, g.variance_eps)
         row = self.mixing[node]
         neighbours = {int(j): float(row[j]) for j in self.graph.neighbors(node)}
         return Node(node, flat, trainer, float(row[node]), neighbours, transport, merger, g.steps)

@@ -48,9 +48,8 @@ class LocalTrainer:
         k, b, n = self.cfg.local_steps, self.cfg.batch_size, len(self.y)
         b = min(b, n)
         g = torch.Generator().manual_seed(round_seed(self.seed, self.node, round_index))
-        need = k * b
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-need // n))])
-        return order[:need].view(k, b)
+        shuffles = [torch.randperm(n, generator=g) for _ in range(-(-k * b // n))]
+        return torch.cat(shuffles or [torch.empty(0, dtype=torch.long)])[:k * b].view(k, b)
 
     def _gradient(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
         self.flat.grad.zero_()

@@ -46,17 +46,23 @@ class Simulation:
             "accuracy_local_mean": float(np.nanmean(local)),
         }
 
-    def step(self, round_index: int) -> tuple[float, float]:
-        """One round for all nodes; returns (mean train loss, seconds spent in local training)."""
-        start = time.perf_counter()
-        losses = [node.train(round_index) for node in self.nodes]
-        train_seconds = time.perf_counter() - start
+    def train(self, round_index: int) -> float:
+        return float(np.mean([node.train(round_index) for node in self.nodes]))
+
+    def gossip(self, round_index: int) -> None:
         for q in range(self.cfg.gossip.steps):
             for node in self.nodes:
                 node.send(round_index, q)
             for node in self.nodes:
                 node.receive_and_merge(round_index, q)
-        return float(np.mean(losses)), train_seconds
+
+    def step(self, round_index: int) -> tuple[float, float]:
+        """One round for all nodes; returns (mean train loss, seconds spent in local training)."""
+        start = time.perf_counter()
+        loss = self.train(round_index)
+        train_seconds = time.perf_counter() - start
+        self.gossip(round_index)
+        return loss, train_seconds
 
     def run(self) -> dict[str, Any]:
         writer = RunWriter(self.run_dir, self.experiment.resolved_config())

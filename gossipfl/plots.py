@@ -1,0 +1,47 @@
+"""PNG plots of a run folder: accuracy and consensus distance against round and against bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .metrics import read_metrics  # noqa: E402
+
+AXES = {"round": ("round", "round"), "bytes": ("bytes_sent", "model bytes sent (all nodes)")}
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write accuracy_vs_{round,bytes}.png and consensus_vs_{round,bytes}.png into the run folder."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no rounds to plot")
+    evaluated = [r for r in rows if "accuracy_mean" in r]
+    written = []
+    for axis, (key, label) in AXES.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r[key] for r in evaluated]
+        ax.plot(xs, [r["accuracy_mean"] for r in evaluated], label="node mean")
+        ax.fill_between(xs, [r["accuracy_min"] for r in evaluated], [r["accuracy_max"] for r in evaluated],
+                        alpha=0.25, label="node min-max")
+        ax.plot(xs, [r["accuracy_average_model"] for r in evaluated], "--", label="average model")
+        ax.set(xlabel=label, ylabel="test accuracy", title=run_dir.name)
+        ax.legend()
+        written.append(_save(fig, run_dir / f"accuracy_vs_{axis}.png"))
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.semilogy([r[key] for r in rows], [max(r["consensus_distance"], 1e-30) for r in rows])
+        ax.set(xlabel=label, ylabel="consensus distance (1/n) sum ||x_i - mean||^2", title=run_dir.name)
+        written.append(_save(fig, run_dir / f"consensus_vs_{axis}.png"))
+    return written
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,41 @@
+import json
+import subprocess
+import sys
+
+from gossipfl.cli import main
+
+SMALL = ["--set", "data.dataset='digits'", "--set", "topology.nodes=4", "--set", "rounds=2",
+         "--set", "model.hidden=[16]", "--quiet"]
+
+
+def test_simulate_writes_a_run_folder_with_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["simulate", "--out", str(out), *SMALL]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["nodes"] == 4
+    for name in ("accuracy_vs_round.png", "accuracy_vs_bytes.png", "consensus_vs_round.png",
+                 "consensus_vs_bytes.png"):
+        assert (out / name).stat().st_size > 1000
+    assert "run folder" in capsys.readouterr().out
+    (out / "accuracy_vs_round.png").unlink()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "accuracy_vs_round.png").exists()
+
+
+def test_bad_input_exits_2_with_the_field_named(tmp_path, capsys):
+    assert main(["simulate", "--set", "gossip.weights=fmmx", "--quiet"]) == 2
+    assert "gossip.weights = 'fmmx' is not allowed" in capsys.readouterr().err
+    assert main(["simulate", str(tmp_path / "missing.toml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["simulate", "--set", "novalue"]) == 2
+    assert "section.key=value" in capsys.readouterr().err
+
+
+def test_console_script_runs_a_config_file(tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('name = "tiny"\nrounds = 1\n[data]\ndataset = "synthetic"\n[topology]\nkind = "complete"\n'
+                   'nodes = 3\n[model]\nname = "logistic"\n')
+    result = subprocess.run([sys.executable, "-m", "gossipfl.cli", "simulate", str(cfg), "--out",
+                             str(tmp_path / "run"), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["dataset"] == "synthetic"

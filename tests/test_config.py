@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from gossipfl import config
+from gossipfl.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"data": {"dataset": "cifar"}}, "data.dataset = 'cifar' is not allowed; choose one of: auto, fashion-mnist"),
+    ({"train": {"lr": -0.1}}, "train.lr = -0.1 must be > 0"),
+    ({"train": {"lr": "fast"}}, "train.lr = 'fast' has the wrong type"),
+    ({"train": {"momentum": 1.5}}, "train.momentum = 1.5 must lie in"),
+    ({"gossip": {"steps": 0}}, "gossip.steps = 0 must be >= 1"),
+    ({"gossip": {"merge": "median"}}, "gossip.merge = 'median' is not allowed; choose one of: mean, variance_corrected"),
+    ({"topology": {"kind": "hypercube"}}, "topology.kind = 'hypercube' is not allowed"),
+    ({"topology": {"nodes": True}}, "topology.nodes = True has the wrong type"),
+    ({"model": {"hidden": [64, -1]}}, "model.hidden"),
+    ({"rounds": 0}, "rounds = 0 must be >= 1"),
+    ({"gossip": {"stepz": 2}}, "unknown field gossip.stepz"),
+    ({"extra": {"a": 1}}, "unknown field extra"),
+    ({"train": 3}, "train must be a table"),
+])
+def test_bad_config_fails_with_a_message_naming_the_field(data, message):
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(data)
+    assert message in str(info.value)
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = config.from_dict({"seed": 3, "train": {"rho": 0.0}, "model": {"hidden": [10, 20]}})
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert config.load(path) == cfg
+
+
+def test_quickstart_ships_in_the_package_and_in_simulations():
+    shipped = config.load(ROOT / "simulations" / "quickstart.toml")
+    assert shipped == config.quickstart()
+    q = config.quickstart()
+    assert (q.topology.kind, q.topology.nodes, q.data.partition, q.data.alpha) == ("ring", 16, "dirichlet", 0.3)
+    assert q.data.dataset == "auto" and q.gossip.steps > 1 and q.train.rho > 0  # DFedSAM-MGS
+
+
+def test_every_shipped_simulation_is_valid():
+    for path in sorted((ROOT / "simulations").glob("*.toml")):
+        config.load(path)
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    (tmp_path / "bad.toml").write_text("rounds = = 3")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        config.load(tmp_path / "bad.toml")
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.toml")
