@@ -10,9 +10,10 @@ from typing import Any
 from . import config as config_mod
 from .config import ConfigError, ExperimentConfig
 from .data import DatasetError
+from .launch import LaunchError
 from .topology import TopologyError
 
-USER_ERRORS = (ConfigError, DatasetError, TopologyError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DatasetError, TopologyError, LaunchError, FileNotFoundError)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -41,15 +42,47 @@ def load_config(path: str | None, overrides: list[str]) -> ExperimentConfig:
     return config_mod.from_dict(data)
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+LAUNCH_QUICKSTART_NODES = 8  # one process per node: 8 fit a 2-core machine comfortably
+
+
+def finish_run(summary: dict[str, Any], run_dir: Any) -> int:
     from .plots import plot_run
-    from .sim import Simulation
-    cfg = load_config(args.config, args.set)
-    sim = Simulation(cfg, run_dir=args.out, progress=not args.quiet)
-    summary = sim.run()
-    plot_run(sim.run_dir)
+    plot_run(run_dir)
     print(json.dumps(summary, indent=2))
-    print(f"run folder: {sim.run_dir}  (plots: gossipfl plot {sim.run_dir})")
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .sim import Simulation
+    sim = Simulation(load_config(args.config, args.set), run_dir=args.out, progress=not args.quiet)
+    return finish_run(sim.run(), sim.run_dir)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .launch import launch
+    from .metrics import new_run_dir
+    defaults = [] if args.config else [f"topology.nodes={LAUNCH_QUICKSTART_NODES}", "name='quickstart-launch'"]
+    cfg = load_config(args.config, defaults + args.set)
+    run_dir = args.out or new_run_dir(cfg.output, cfg.name)
+    return finish_run(launch(cfg, run_dir, progress=not args.quiet), run_dir)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    import logging
+    from .node_process import run_node
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = config_mod.load(args.config)
+    run_dir = cfg.deploy.run_dir or f"{cfg.output}/{cfg.name}"
+    summary = run_node(cfg, args.id, run_dir, resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .keys import write_keys
+    listing = write_keys(args.out, range(args.nodes))
+    print(f"wrote key pairs for {args.nodes} nodes to {args.out}; public keys listed in {listing}")
     return 0
 
 
@@ -60,17 +93,37 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="experiment TOML (default: built-in quickstart)")
+    parser.add_argument("--out", help="run folder (default: runs/NAME-TIMESTAMP)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.rho=0 --set rounds=5")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gossipfl", description="Decentralized learning by gossip.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run every node in this process (default: the quickstart)")
-    sim.add_argument("config", nargs="?", help="experiment TOML (default: built-in quickstart)")
-    sim.add_argument("--out", help="run folder (default: runs/NAME-TIMESTAMP)")
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field, e.g. --set train.rho=0 --set rounds=5")
-    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_arguments(sim)
     sim.set_defaults(func=cmd_simulate)
+
+    launch = sub.add_parser("launch", help="run one OS process per node on this machine "
+                                           f"(default: the quickstart with {LAUNCH_QUICKSTART_NODES} nodes)")
+    add_run_arguments(launch)
+    launch.set_defaults(func=cmd_launch)
+
+    node = sub.add_parser("node", help="run one node of a deployment (one per host or process)")
+    node.add_argument("--config", required=True, help="deployment TOML: experiment plus [deploy]")
+    node.add_argument("--id", type=int, required=True, help="this node's id (0..n-1)")
+    node.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    node.set_defaults(func=cmd_node)
+
+    keys = sub.add_parser("keys", help="make CurveZMQ key pairs for a deployment")
+    keys.add_argument("--nodes", type=int, required=True)
+    keys.add_argument("--out", required=True, help="folder for the key files")
+    keys.set_defaults(func=cmd_keys)
 
     plot = sub.add_parser("plot", help="write PNG plots of a run folder")
     plot.add_argument("run_dir")

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import tomli_w
 
@@ -160,6 +160,30 @@ class EvalConfig:
 
 
 @dataclass
+class DeployConfig:
+    """How node processes find each other; used by `gossipfl node` and `gossipfl launch` only."""
+    addresses: list[str] = field(default_factory=list)  # "host:port" per node id; [] = free loopback ports
+    run_dir: str = ""            # where nodes write results; "" = OUTPUT/NAME
+    keys: str = ""               # folder from `gossipfl keys`; "" = no CurveZMQ
+    deadline_s: float = 30.0     # wait per gossip step before a silent neighbour is left out
+    startup_s: float = 120.0     # wait for the very first step (peers import torch, load data)
+    checkpoint_every: int = 5    # rounds between checkpoints (0 = never)
+    max_message_mb: float = 0.0  # refuse larger messages; 0 = model size plus headroom
+
+    def validate(self) -> None:
+        for i, address in enumerate(self.addresses):
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"deploy.addresses[{i}] = {address!r} must be host:port with port 1..65535")
+        if len(set(self.addresses)) != len(self.addresses):
+            raise ConfigError("deploy.addresses must be distinct")
+        _positive("deploy.deadline_s", self.deadline_s)
+        _positive("deploy.startup_s", self.startup_s)
+        _positive("deploy.checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _positive("deploy.max_message_mb", self.max_message_mb, allow_zero=True)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -172,6 +196,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def validate(self) -> "ExperimentConfig":
         if self.rounds < 1:
@@ -221,7 +246,8 @@ def _coerce(name: str, value: Any, default: Any, kind: Any) -> Any:
     elif isinstance(default, str):
         ok = isinstance(value, str)
     elif isinstance(default, list):
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        (item,) = get_args(kind)
+        ok = isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
     else:  # pragma: no cover - every field has one of the types above
         ok = True
     if not ok:

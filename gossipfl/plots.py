@@ -34,7 +34,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         written.append(_save(fig, run_dir / f"accuracy_vs_{axis}.png"))
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.semilogy([r[key] for r in rows], [max(r["consensus_distance"], 1e-30) for r in rows])
+        measured = [r for r in rows if "consensus_distance" in r]  # node processes: final round only
+        ax.semilogy([r[key] for r in measured], [max(r["consensus_distance"], 1e-30) for r in measured], "o-")
         ax.set(xlabel=label, ylabel="consensus distance (1/n) sum ||x_i - mean||^2", title=run_dir.name)
         written.append(_save(fig, run_dir / f"consensus_vs_{axis}.png"))
     return written
