@@ -132,8 +132,15 @@ class GossipConfig:
     conservative_c: float = 0.5  # share of the variance gap closed by variance_target = "conservative"
     variance_eps: float = 1e-4   # epsilon of the variance ratio (Tian et al.); biases layers with var ~ eps
     init: str = "common"         # common = one initial model for all; independent = one per node
+    weights_file: str = ""       # a stored W.json (gossipfl topology --out) used instead of `weights`
+    schedule: str = "sync"       # sync = Q lock-step steps; poisson = pairwise exchanges on edge clocks
+    rates: str = "uniform"       # poisson: per-edge rates, uniform or optimal (DADAO SDP)
+    poisson_time: float = 1.0    # poisson: clock time per round
+    rate_budget: float = 0.0     # poisson: sum of edge rates; 0 = n/2 (about one exchange per node)
 
-    WEIGHTS = ("metropolis", "max_degree", "uniform_neighbourhood", "best_constant")
+    WEIGHTS = ("metropolis", "max_degree", "uniform_neighbourhood", "best_constant", "fmmc", "fdla")
+    SCHEDULES = ("sync", "poisson")
+    RATES = ("uniform", "optimal")
     MERGES = ("mean", "variance_corrected")
     TARGETS = ("follow_others", "follow_self", "conservative")
     INITS = ("common", "independent")
@@ -147,6 +154,10 @@ class GossipConfig:
         _in_range("gossip.conservative_c", self.conservative_c, 0.0, 1.0)
         _positive("gossip.variance_eps", self.variance_eps, allow_zero=True)
         _choice("gossip.init", self.init, self.INITS)
+        _choice("gossip.schedule", self.schedule, self.SCHEDULES)
+        _choice("gossip.rates", self.rates, self.RATES)
+        _positive("gossip.poisson_time", self.poisson_time)
+        _positive("gossip.rate_budget", self.rate_budget, allow_zero=True)
 
 
 @dataclass

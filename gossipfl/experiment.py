@@ -7,13 +7,15 @@ graph, mixing matrix, data partition and initial model, so their results can be 
 from __future__ import annotations
 
 import dataclasses
+import json
 from functools import cached_property
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
 import torch
 
-from . import data, mixing, models, topology
+from . import data, mixing, models, poisson, sdp, topology
 from .config import ExperimentConfig
 from .merge import Merger
 from .node import Node
@@ -22,6 +24,7 @@ from .train import LocalTrainer, round_seed
 from .transport import Transport
 
 INIT_ROUND = 2**31  # a "round" no run reaches: its seed draws initial weights
+POISSON_STREAM = 2**31  # a "node" id no graph has: its seeds draw Poisson firings
 
 
 class Experiment:
@@ -42,10 +45,31 @@ class Experiment:
         return self.graph.number_of_nodes()
 
     @cached_property
+    def weights(self) -> sdp.SolveResult:
+        """The mixing matrix: loaded from gossip.weights_file, else computed (solved once per run)."""
+        g = self.cfg.gossip
+        if g.weights_file:
+            return sdp.from_json(json.loads(Path(g.weights_file).read_text()), self.graph)
+        result = sdp.solve_weights(self.graph, g.weights)
+        mixing.check(result.matrix, self.graph, doubly_stochastic=result.method != "uniform_neighbourhood")
+        return result
+
+    @property
     def mixing(self) -> np.ndarray:
-        w = mixing.HEURISTICS[self.cfg.gossip.weights](self.graph)
-        mixing.check(w, self.graph, doubly_stochastic=self.cfg.gossip.weights != "uniform_neighbourhood")
-        return w
+        return self.weights.matrix
+
+    @cached_property
+    def rates(self) -> sdp.RatesResult:
+        """Per-edge Poisson clock rates (schedule = "poisson"), summing to the rate budget."""
+        g = self.cfg.gossip
+        budget = g.rate_budget or self.n / 2
+        return sdp.optimal_rates(self.graph, budget) if g.rates == "optimal" else sdp.uniform_rates(self.graph, budget)
+
+    def firings(self, round_index: int) -> list[tuple[int, int]]:
+        """The (u, v) pairs that exchange in this round under Poisson clocks, in time order."""
+        rng = np.random.default_rng(round_seed(self.cfg.seed, POISSON_STREAM, round_index))
+        _, fired = poisson.firings(self.rates.rates, self.cfg.gossip.poisson_time, rng)
+        return [self.rates.edges[e] for e in fired]
 
     @cached_property
     def dataset(self) -> data.Dataset:
@@ -89,3 +113,10 @@ class Experiment:
         row = self.mixing[node]
         neighbours = {int(j): float(row[j]) for j in self.graph.neighbors(node)}
         return Node(node, flat, trainer, float(row[node]), neighbours, transport, merger, g.steps)
+
+
+def write_weights(run_dir: str | Path, experiment: Experiment) -> Path:
+    """Store the run's mixing matrix as W.json, so every node of a deployment uses exactly it."""
+    path = Path(run_dir) / "W.json"
+    path.write_text(json.dumps(sdp.to_json(experiment.weights)) + "\n")
+    return path

@@ -15,6 +15,7 @@ from .train import LocalTrainer
 from .transport import Message, Transport
 
 MODEL = "model"
+PAIR_REQUEST, PAIR_REPLY = "pair_request", "pair_reply"
 
 
 @dataclass
@@ -43,9 +44,13 @@ class Node:
         self._received = self._missing = 0
         return self.trainer.run_round(round_index)
 
+    def snapshot(self, kind: str, round_index: int, step: int) -> Message:
+        """The current vector, copied once and shared read-only by every recipient."""
+        return Message(kind, self.id, round_index, step, self.flat.vector.clone())
+
     def send(self, round_index: int, step: int) -> None:
-        """Send a snapshot of the current vector to every neighbour (one copy, shared read-only)."""
-        message = Message(MODEL, self.id, round_index, step, self.flat.vector.clone())
+        """Send a snapshot of the current vector to every neighbour."""
+        message = self.snapshot(MODEL, round_index, step)
         for j in self.neighbour_weights:
             self.transport.send(j, message)
 
@@ -57,6 +62,32 @@ class Node:
         self._missing += len(self.neighbour_weights) - len(senders)
         self.merger(self.flat.vector, self.self_weight, [got[j].vector for j in senders],
                     [self.neighbour_weights[j] for j in senders])
+
+    # Pairwise exchanges (Poisson-clock gossip): the edge's owner requests, the peer answers with
+    # its own vector and merges, the owner merges the answer. Both ends weigh the pair 1/2 : 1/2.
+
+    def request_pair(self, peer: int, round_index: int, seq: int) -> None:
+        self.transport.send(peer, self.snapshot(PAIR_REQUEST, round_index, seq))
+
+    def answer_pair(self, peer: int, round_index: int, seq: int) -> bool:
+        got = self.transport.receive(PAIR_REQUEST, round_index, seq, {peer})
+        if peer not in got:
+            return self._pair_missing()
+        self.transport.send(peer, self.snapshot(PAIR_REPLY, round_index, seq))
+        return self._pair_merge(got[peer])
+
+    def finish_pair(self, peer: int, round_index: int, seq: int) -> bool:
+        got = self.transport.receive(PAIR_REPLY, round_index, seq, {peer})
+        return self._pair_merge(got[peer]) if peer in got else self._pair_missing()
+
+    def _pair_merge(self, message: Message) -> bool:
+        self._received += 1
+        self.merger(self.flat.vector, 0.5, [message.vector], [0.5])
+        return True
+
+    def _pair_missing(self) -> bool:
+        self._missing += 1
+        return False
 
     def run_round(self, round_index: int) -> RoundStats:
         loss = self.train(round_index)

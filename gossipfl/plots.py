@@ -28,7 +28,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.plot(xs, [r["accuracy_mean"] for r in evaluated], label="node mean")
         ax.fill_between(xs, [r["accuracy_min"] for r in evaluated], [r["accuracy_max"] for r in evaluated],
                         alpha=0.25, label="node min-max")
-        ax.plot(xs, [r["accuracy_average_model"] for r in evaluated], "--", label="average model")
+        averaged = [r for r in evaluated if "accuracy_average_model" in r]  # node processes: last round only
+        ax.plot([r[key] for r in averaged], [r["accuracy_average_model"] for r in averaged], "o--",
+                markersize=3, label="average model")
         ax.set(xlabel=label, ylabel="test accuracy", title=run_dir.name)
         ax.legend()
         written.append(_save(fig, run_dir / f"accuracy_vs_{axis}.png"))

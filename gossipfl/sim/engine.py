@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import ExperimentConfig
-from ..experiment import Experiment
+from ..experiment import Experiment, write_weights
 from ..metrics import RunWriter, accuracy, consensus_distance, new_run_dir
 from ..transport import MemoryNetwork
 
@@ -50,11 +50,21 @@ class Simulation:
         return float(np.mean([node.train(round_index) for node in self.nodes]))
 
     def gossip(self, round_index: int) -> None:
+        if self.cfg.gossip.schedule == "poisson":
+            return self.poisson_gossip(round_index)
         for q in range(self.cfg.gossip.steps):
             for node in self.nodes:
                 node.send(round_index, q)
             for node in self.nodes:
                 node.receive_and_merge(round_index, q)
+
+    def poisson_gossip(self, round_index: int) -> None:
+        """Pairwise exchanges on the round's Poisson firings, on a virtual clock (the lower id owns an edge)."""
+        for seq, (u, v) in enumerate(self.experiment.firings(round_index)):
+            owner, peer = self.nodes[min(u, v)], self.nodes[max(u, v)]
+            owner.request_pair(peer.id, round_index, seq)
+            peer.answer_pair(owner.id, round_index, seq)
+            owner.finish_pair(peer.id, round_index, seq)
 
     def step(self, round_index: int) -> tuple[float, float]:
         """One round for all nodes; returns (mean train loss, seconds spent in local training)."""
@@ -66,6 +76,7 @@ class Simulation:
 
     def run(self) -> dict[str, Any]:
         writer = RunWriter(self.run_dir, self.experiment.resolved_config())
+        write_weights(self.run_dir, self.experiment)
         rounds, every = self.cfg.rounds, self.cfg.eval.every
         start = time.perf_counter()
         bar = tqdm(range(rounds), desc=f"{self.cfg.name} ({self.experiment.n} nodes)", unit="round",

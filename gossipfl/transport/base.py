@@ -46,6 +46,11 @@ class Transport(ABC):
         """Messages of this (kind, round, step) from `senders`; returns when all arrived or the
         step's deadline passed, so a missing sender is simply absent from the result."""
 
+    def newest_round(self, kind: str) -> int:
+        """The newest round of `kind` seen among messages held for later steps (-1 if none): how a
+        node that was down learns that its neighbours have moved on."""
+        return -1
+
     def _count(self, message: Message) -> None:
         self.bytes_sent += message.nbytes
         self.messages_sent += 1

@@ -1,0 +1,199 @@
+"""Start one OS process per node on this machine, follow them, and gather one run folder.
+
+The run folder has the layout of `gossipfl simulate` (config.toml, which doubles as the
+deployment file the nodes read; metrics.jsonl; summary.json; plots) plus nodes/node-ID/ with each
+node's own metrics, logs, checkpoints and final vector. Each node process runs torch with one
+thread: several trainers sharing a machine lose most of their throughput otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import ExperimentConfig
+from .experiment import Experiment, write_weights
+from .metrics import RunWriter, accuracy, consensus_distance, new_run_dir
+from .node_process import node_dir
+
+
+class LaunchError(RuntimeError):
+    """A node process failed; the message carries the tail of its log."""
+
+
+def free_loopback_addresses(n: int) -> list[str]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together so none repeats)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def deployment(experiment: Experiment, run_dir: Path) -> ExperimentConfig:
+    """The config the nodes read: addresses filled in, results pointed at the run folder, and the
+    mixing matrix stored once in the run folder (never solved again, or differently, by a node)."""
+    cfg = experiment.resolved_config()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    weights = cfg.gossip.weights_file or str(write_weights(run_dir, experiment))
+    addresses = cfg.deploy.addresses or free_loopback_addresses(experiment.n)
+    return dataclasses.replace(cfg, gossip=dataclasses.replace(cfg.gossip, weights_file=weights),
+                               deploy=dataclasses.replace(cfg.deploy, addresses=addresses, run_dir=str(run_dir)))
+
+
+def node_command(config_path: Path, node_id: int, resume: bool = False) -> list[str]:
+    return [sys.executable, "-m", "gossipfl.cli", "node", "--config", str(config_path), "--id", str(node_id),
+            *(["--resume"] if resume else [])]
+
+
+def node_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start_node(config_path: Path, run_dir: Path, node_id: int, resume: bool = False) -> subprocess.Popen:
+    out = node_dir(run_dir, node_id)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "node.log").open("ab")
+    return subprocess.Popen(node_command(config_path, node_id, resume), stdout=log, stderr=subprocess.STDOUT,
+                            env=node_env(), start_new_session=True)
+
+
+def stop_all(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """SIGTERM every live node, then SIGKILL what is still running after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def log_tail(run_dir: Path, node_id: int, lines: int = 15) -> str:
+    path = node_dir(run_dir, node_id) / "node.log"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class MetricsFollower:
+    """Reads the nodes' metrics.jsonl files as they grow and yields rounds every node finished."""
+
+    def __init__(self, run_dir: Path, n: int):
+        self.paths = [node_dir(run_dir, i) / "metrics.jsonl" for i in range(n)]
+        self.offsets = [0] * n
+        self.rows: list[dict[int, dict[str, Any]]] = [{} for _ in range(n)]
+        self.next_round = 0
+
+    def poll(self) -> list[list[dict[str, Any]]]:
+        for i, path in enumerate(self.paths):
+            if not path.exists():
+                continue
+            with path.open() as f:
+                f.seek(self.offsets[i])
+                for line in f:
+                    if not line.endswith("\n"):
+                        break  # a line still being written
+                    self.offsets[i] += len(line)
+                    row = json.loads(line)
+                    self.rows[i][row["round"]] = row
+        done = []
+        while all(self.next_round in rows for rows in self.rows):
+            done.append([rows.pop(self.next_round) for rows in self.rows])
+            self.next_round += 1
+        return done
+
+
+def aggregate(rows: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """One line of the run's metrics.jsonl from every node's line of the same round."""
+    rejected: dict[str, int] = {}
+    for r in rows:
+        for reason, count in r["rejected"].items():
+            rejected[reason] = rejected.get(reason, 0) + count
+    record = {"round": rows[0]["round"], "train_loss": float(np.mean([r["train_loss"] for r in rows])),
+              "bytes_sent": sum(r["bytes_sent"] for r in rows), "missing": sum(r["missing"] for r in rows),
+              "rejected": rejected, "round_seconds": max(r["round_seconds"] for r in rows),
+              "train_seconds": max(r["train_seconds"] for r in rows), "wall_seconds": time.perf_counter() - started}
+    if all("accuracy" in r for r in rows):
+        acc = [r["accuracy"] for r in rows]
+        record.update(accuracy_mean=float(np.mean(acc)), accuracy_min=float(np.min(acc)),
+                      accuracy_max=float(np.max(acc)),
+                      accuracy_local_mean=float(np.nanmean([r["accuracy_local"] for r in rows])))
+    return record
+
+
+def final_vectors(run_dir: Path, n: int) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.load(node_dir(run_dir, i) / "final.npy", allow_pickle=False)) for i in range(n)]
+
+
+def global_metrics(experiment: Experiment, vectors: list[torch.Tensor]) -> dict[str, float]:
+    """Consensus distance and the accuracy of the average model, from the nodes' final vectors."""
+    probe = experiment.build_model(0)
+    probe.load(torch.stack(vectors).mean(dim=0))
+    ds = experiment.dataset
+    return {"consensus_distance": consensus_distance(vectors),
+            "accuracy_average_model": accuracy(probe.module, ds.x_test, ds.y_test, experiment.cfg.eval.batch_size)}
+
+
+def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: bool = True,
+           poll_s: float = 0.2) -> dict[str, Any]:
+    """Run every node of `cfg` as a local process; returns the run summary."""
+    experiment = Experiment(cfg)
+    n = experiment.n
+    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output, cfg.name)
+    deployed = deployment(experiment, run_dir)
+    writer = RunWriter(run_dir, deployed)
+    config_path = run_dir / "config.toml"
+    started = time.perf_counter()
+    procs = [start_node(config_path, run_dir, i) for i in range(n)]
+    follower = MetricsFollower(run_dir, n)
+    bar = tqdm(total=cfg.rounds, desc=f"{cfg.name} ({n} processes)", unit="round", disable=not progress)
+    last: dict[str, Any] | None = None  # held back until the final vectors add global metrics
+
+    def collect() -> None:
+        nonlocal last
+        for rows in follower.poll():
+            if last is not None:
+                writer.log(last)
+            last = aggregate(rows, started)
+            bar.update(1)
+            if "accuracy_mean" in last:
+                bar.set_postfix(acc=f"{last['accuracy_mean']:.3f}")
+
+    try:
+        while True:
+            collect()
+            codes = [p.poll() for p in procs]
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                i = failed[0]
+                raise LaunchError(f"node {i} exited with code {codes[i]}; its log "
+                                  f"({node_dir(run_dir, i) / 'node.log'}) ends with:\n{log_tail(run_dir, i)}")
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(poll_s)
+        collect()
+        if last is not None:
+            writer.log({**last, **global_metrics(experiment, final_vectors(run_dir, n))})
+        return writer.write_summary(nodes=n, dataset=experiment.dataset.name, run_dir=str(run_dir),
+                                    runtime="launch")
+    finally:
+        bar.close()
+        stop_all(procs)
+        writer.close()

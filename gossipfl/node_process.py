@@ -1,0 +1,143 @@
+"""One node as one OS process: the Node round loop over ZeroMQ, with checkpoints, resume and a
+clean stop on SIGTERM/SIGINT.
+
+Results go to RUN_DIR/nodes/node-ID/: metrics.jsonl (a line per completed round), summary.json,
+checkpoints, and final.npy (the final flat vector, for the launcher's global metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import ConfigError, ExperimentConfig
+from .experiment import Experiment
+from .keys import load_keys
+from .metrics import accuracy
+from .node import MODEL, Node
+from .transport.zmq import ZmqTransport, reuse_large_allocations
+
+log = logging.getLogger("gossipfl.node")
+
+
+def node_dir(run_dir: str | Path, node_id: int) -> Path:
+    return Path(run_dir) / "nodes" / f"node-{node_id}"
+
+
+def tcp(address: str) -> str:
+    return f"tcp://{address}"
+
+
+def make_transport(cfg: ExperimentConfig, experiment: Experiment, node_id: int, layout: str,
+                   size: int) -> ZmqTransport:
+    d = cfg.deploy
+    if len(d.addresses) != experiment.n:
+        raise ConfigError(f"deploy.addresses lists {len(d.addresses)} addresses for {experiment.n} nodes")
+    peers = {int(j): tcp(d.addresses[j]) for j in experiment.graph.neighbors(node_id)}
+    max_bytes = int(d.max_message_mb * 1e6) if d.max_message_mb else size * 4 + (1 << 20)
+    curve = load_keys(d.keys, node_id) if d.keys else None
+    return ZmqTransport(node_id, tcp(d.addresses[node_id]), peers, layout, size, deadline_s=d.deadline_s,
+                        max_message_bytes=max_bytes, curve=curve)
+
+
+class NodeProcess:
+    """Runs one node's rounds; `stop()` (or a signal) ends it after the current gossip step."""
+
+    def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: str | Path, resume: bool = False):
+        self.cfg, self.id = cfg, node_id
+        self.dir = node_dir(run_dir, node_id)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.experiment = Experiment(cfg)
+        self.stopping = threading.Event()
+        probe = self.experiment.build_model(node_id)
+        self.layout = probe.layout.digest()
+        self.transport = make_transport(cfg, self.experiment, node_id, self.layout, probe.layout.size)
+        self.node: Node = self.experiment.make_node(node_id, self.transport)
+        self.start_round = 0
+        saved = checkpoint.load_latest(self.dir, self.layout) if resume else None
+        if saved is not None:
+            self.node.flat.load(saved.vector)
+            self.start_round = saved.round + 1
+            log.info("node %d resumes after round %d", node_id, saved.round)
+
+    def stop(self, *_: Any) -> None:
+        self.stopping.set()
+
+    def evaluate(self) -> dict[str, float]:
+        ds, batch = self.experiment.dataset, self.cfg.eval.batch_size
+        local = torch.from_numpy(self.experiment.local_test_parts[self.id])
+        module = self.node.flat.module
+        return {"accuracy": accuracy(module, ds.x_test, ds.y_test, batch),
+                "accuracy_local": accuracy(module, ds.x_test[local], ds.y_test[local], batch)}
+
+    def gossip(self, round_index: int) -> bool:
+        """The Q gossip steps of a round; False if a stop request cut the round short."""
+        for step in range(self.cfg.gossip.steps):
+            first = round_index == self.start_round and step == 0
+            self.transport.deadline_s = self.cfg.deploy.startup_s if first else self.cfg.deploy.deadline_s
+            self.node.send(round_index, step)
+            self.node.receive_and_merge(round_index, step)
+            if self.stopping.is_set() and step < self.cfg.gossip.steps - 1:
+                return False
+        return True
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        started = time.perf_counter()
+        completed = self.start_round - 1
+        with (self.dir / "metrics.jsonl").open("a") as metrics:
+            r = self.start_round
+            while r < cfg.rounds and not self.stopping.is_set():
+                ahead = self.transport.newest_round(MODEL)
+                if ahead > r:  # neighbours moved on while this node was down: rejoin at their round
+                    log.info("node %d skips rounds %d..%d to rejoin", self.id, r, ahead - 1)
+                    r = ahead
+                round_start = time.perf_counter()
+                loss = self.node.train(r)
+                train_seconds = time.perf_counter() - round_start
+                if not self.gossip(r):
+                    break
+                stats = self.node.stats(r, loss)
+                evaluate = (r + 1) % cfg.eval.every == 0 or r == cfg.rounds - 1
+                record = {"round": r, "train_loss": loss, **(self.evaluate() if evaluate else {}),
+                          "bytes_sent": self.transport.bytes_sent, "received": stats.received,
+                          "missing": stats.missing, "rejected": dict(self.transport.rejected),
+                          "round_seconds": time.perf_counter() - round_start, "train_seconds": train_seconds,
+                          "wall_seconds": time.perf_counter() - started}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                completed = r
+                every = cfg.deploy.checkpoint_every
+                if every and ((r + 1) % every == 0 or r == cfg.rounds - 1):
+                    checkpoint.save(self.dir, r, self.node.vector, self.layout)
+                r += 1
+        np.save(self.dir / "final.npy", self.node.vector.numpy(), allow_pickle=False)
+        summary = {"node": self.id, "rounds_completed": completed + 1, "stopped_early": completed < cfg.rounds - 1,
+                   "bytes_sent": self.transport.bytes_sent, "rejected": dict(self.transport.rejected),
+                   "wall_seconds": time.perf_counter() - started}
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def run_node(cfg: ExperimentConfig, node_id: int, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Entry point of `gossipfl node`: run until done or signalled, always closing the sockets."""
+    reuse_large_allocations()  # large received frames reuse mapped pages instead of faulting in fresh ones
+    process = NodeProcess(cfg, node_id, run_dir, resume)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, process.stop)
+    try:
+        return process.run()
+    finally:
+        process.close()
