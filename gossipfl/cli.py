@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
@@ -86,6 +87,34 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topology(args: argparse.Namespace) -> int:
+    from . import sdp, topology
+    from .plots import plot_graph
+    graph = topology.read_graph(args.graph)
+    print(f"{args.graph}: n = {graph.number_of_nodes()}, edges = {graph.number_of_edges()}")
+    methods = args.compare.split(",") if args.compare else ["metropolis", "max_degree", "best_constant",
+                                                             "fmmc", "fdla"]
+    results = {m: sdp.solve_weights(graph, m) for m in dict.fromkeys([*methods, args.weights])}
+    print(f"{'weights':<14} {'SLEM':>10} {'gap':>10} {'solver':>12} {'seconds':>8}  status")
+    for name, r in results.items():
+        print(f"{name:<14} {r.slem:>10.6f} {1 - r.slem:>10.6f} {r.solver:>12} {r.seconds:>8.2f}  {r.status}")
+    chosen = results[args.weights]
+    if args.out:
+        Path(args.out).write_text(json.dumps(sdp.to_json(chosen)) + "\n")
+        print(f"wrote {args.weights} weights to {args.out}")
+    rates = None
+    if args.rates:
+        rates = {kind: (sdp.optimal_rates if kind == "optimal" else sdp.uniform_rates)(graph, args.budget)
+                 for kind in ("uniform", "optimal")}
+        for kind, r in rates.items():
+            print(f"{kind} rates: lambda_2 = {r.lambda2:.6f}, chi_1 = {r.chi1:.4f}, chi_2 = {r.chi2:.4f}")
+    if args.plot:
+        edge_values = rates[args.rates].rates if rates else [chosen.matrix[u, v] for u, v in graph.edges]
+        label = f"{args.rates} rate" if rates else f"{args.weights} weight"
+        print("wrote", plot_graph(graph, edge_values, label, args.plot))
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plots import plot_run
     for path in plot_run(args.run_dir):
@@ -124,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--nodes", type=int, required=True)
     keys.add_argument("--out", required=True, help="folder for the key files")
     keys.set_defaults(func=cmd_keys)
+
+    topo = sub.add_parser("topology", help="compare mixing weights of a graph file; store or draw them")
+    topo.add_argument("graph", help="graph file: .edgelist/.edges/.txt, .graphml or .json")
+    topo.add_argument("--weights", default="fmmc", help="the scheme to store with --out (default fmmc)")
+    topo.add_argument("--compare", help="comma-separated schemes to show (default: all but uniform)")
+    topo.add_argument("--out", help="write the chosen weights as W.json (full matrix plus solve record)")
+    topo.add_argument("--rates", choices=("uniform", "optimal"),
+                      help="also compute Poisson gossip rates; --plot then draws these rates")
+    topo.add_argument("--budget", type=float, default=1.0, help="total edge rate for --rates")
+    topo.add_argument("--plot", metavar="PNG", help="draw the graph, edge width by weight (or rate)")
+    topo.set_defaults(func=cmd_topology)
 
     plot = sub.add_parser("plot", help="write PNG plots of a run folder")
     plot.add_argument("run_dir")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import signal
 import threading
 import time
@@ -123,7 +124,8 @@ class NodeProcess:
         np.save(self.dir / "final.npy", self.node.vector.numpy(), allow_pickle=False)
         summary = {"node": self.id, "rounds_completed": completed + 1, "stopped_early": completed < cfg.rounds - 1,
                    "bytes_sent": self.transport.bytes_sent, "rejected": dict(self.transport.rejected),
-                   "wall_seconds": time.perf_counter() - started}
+                   "wall_seconds": time.perf_counter() - started,
+                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
+
+import networkx as nx
 
 import matplotlib
 
@@ -48,3 +51,15 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_graph(graph: nx.Graph, edge_values: Sequence[float], label: str, path: str | Path) -> Path:
+    """Draw `graph` with each edge's width proportional to its value (in graph.edges order)."""
+    fig, ax = plt.subplots(figsize=(6, 6))
+    top = max(max(edge_values), 1e-12)
+    pos = nx.kamada_kawai_layout(graph) if graph.number_of_nodes() <= 300 else nx.spring_layout(graph, seed=0)
+    nx.draw_networkx(graph, pos, ax=ax, node_size=120, font_size=6,
+                     width=[0.3 + 4.0 * v / top for v in edge_values], edge_color="tab:blue")
+    ax.set_title(f"edge width: {label} (max {top:.3g})")
+    ax.set_axis_off()
+    return _save(fig, Path(path))
