@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -80,14 +80,27 @@ class NodeProcess:
         return {"accuracy": accuracy(module, ds.x_test, ds.y_test, batch),
                 "accuracy_local": accuracy(module, ds.x_test[local], ds.y_test[local], batch)}
 
+    def exchanges(self, round_index: int) -> list[Callable[[], Any]]:
+        """This node's part of the round's gossip, in order. Sync: Q x [send, receive and merge].
+        Poisson: the round's seeded firings that involve this node, in the global firing order that
+        every process draws alike, so disjoint pairs run concurrently and no pair waits in a cycle."""
+        node, r = self.node, round_index
+        if self.cfg.gossip.schedule == "sync":
+            return [lambda q=q: (node.send(r, q), node.receive_and_merge(r, q)) for q in range(self.cfg.gossip.steps)]
+        mine = [(seq, min(u, v), max(u, v)) for seq, (u, v) in enumerate(self.experiment.firings(r))
+                if self.id in (u, v)]
+        return [(lambda s=seq, p=peer: (node.request_pair(p, r, s), node.finish_pair(p, r, s))) if owner == self.id
+                else (lambda s=seq, o=owner: node.answer_pair(o, r, s)) for seq, owner, peer in mine]
+
     def gossip(self, round_index: int) -> bool:
-        """The Q gossip steps of a round; False if a stop request cut the round short."""
-        for step in range(self.cfg.gossip.steps):
-            first = round_index == self.start_round and step == 0
+        """Run this round's exchanges; False if a stop request cut the round short. The very first
+        exchange waits up to startup_s, while peers may still be starting."""
+        exchanges = self.exchanges(round_index)
+        for i, exchange in enumerate(exchanges):
+            first = round_index == self.start_round and i == 0
             self.transport.deadline_s = self.cfg.deploy.startup_s if first else self.cfg.deploy.deadline_s
-            self.node.send(round_index, step)
-            self.node.receive_and_merge(round_index, step)
-            if self.stopping.is_set() and step < self.cfg.gossip.steps - 1:
+            exchange()
+            if self.stopping.is_set() and i < len(exchanges) - 1:
                 return False
         return True
 

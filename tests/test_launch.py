@@ -111,3 +111,15 @@ def test_sigterm_stops_a_node_cleanly_with_a_summary(small_config, tmp_path, pro
     assert summary["stopped_early"] and 2 <= summary["rounds_completed"] < 200
     assert (node_dir(run_dir, 0) / "final.npy").exists()
     assert processes[1].poll() is None  # the others carry on without it
+
+
+def test_poisson_gossip_in_node_processes_matches_the_engine(small_config, tmp_path):
+    cfg = small_config(topology__nodes=4, rounds=2, gossip__schedule="poisson", gossip__rates="optimal",
+                       gossip__poisson_time=2.0, gossip__weights="fmmc")
+    launch(cfg, tmp_path / "launch", progress=False)
+    sim = Simulation(cfg, run_dir=tmp_path / "sim", progress=False)
+    sim.run()
+    assert len(sim.experiment.firings(0)) > 0
+    for i, vector in enumerate(sim.vectors()):
+        final = np.load(node_dir(tmp_path / "launch", i) / "final.npy", allow_pickle=False)
+        np.testing.assert_allclose(final, vector.numpy(), rtol=0, atol=1e-6)
