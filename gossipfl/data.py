@@ -30,16 +30,26 @@ class DatasetError(RuntimeError):
 
 @dataclass
 class Dataset:
+    """Training inputs stay in their stored form (uint8 for IDX images: a quarter of float32) and
+    are normalised per node slice by `train_inputs`, so a node process holds one float copy of its
+    own data only. Test inputs are normalised once: every evaluation uses all of them."""
     name: str
-    x_train: torch.Tensor   # float32, (N, C, H, W) for images or (N, F)
-    y_train: torch.Tensor   # int64
-    x_test: torch.Tensor
+    train_stored: torch.Tensor  # (N, C, H, W) for images or (N, F), any dtype
+    y_train: torch.Tensor       # int64
+    x_test: torch.Tensor        # float32, normalised
     y_test: torch.Tensor
     num_classes: int
+    scale: float = 1.0          # train input = stored * scale + shift
+    shift: float = 0.0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+        return tuple(self.train_stored.shape[1:])
+
+    def train_inputs(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised float32 training inputs (all, or those at `index`)."""
+        stored = self.train_stored if index is None else self.train_stored[index]
+        return stored.to(torch.float32, copy=True).mul_(self.scale).add_(self.shift)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -74,19 +84,25 @@ def _find(directory: Path, stem: str) -> Path:
         f"GOSSIPFL_DATA at a directory holding the four IDX files; or use data.dataset = \"digits\".")
 
 
-def _normalise(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(images.astype(np.float32) / 255.0)
-    return x.unsqueeze(1)
+def _pixel_moments(images: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of 8-bit pixels from their histogram: exact, no float copy."""
+    counts = np.bincount(images.ravel(), minlength=256).astype(np.float64)
+    values = np.arange(len(counts), dtype=np.float64)
+    mean = float(counts @ values / counts.sum())
+    return mean, float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum()))
 
 
 def load_idx_dataset(name: str, path: str = "") -> Dataset:
-    """MNIST-format images (28x28 grey, ten classes) from a directory of IDX files."""
+    """MNIST-format images (28x28 grey, ten classes) from a directory of IDX files, standardised
+    with the training set's pixel mean and deviation."""
     directory = data_dir(path)
     arrays = {key: read_idx(_find(directory, stem)) for key, stem in IDX_FILES.items()}
-    x_train, x_test = _normalise(arrays["train_images"]), _normalise(arrays["test_images"])
-    mean, std = x_train.mean(), x_train.std()
-    return Dataset(name, (x_train - mean) / std, torch.from_numpy(arrays["train_labels"].astype(np.int64)),
-                   (x_test - mean) / std, torch.from_numpy(arrays["test_labels"].astype(np.int64)), 10)
+    train = torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1)
+    mean, std = _pixel_moments(arrays["train_images"])
+    scale, shift = 1.0 / std, -mean / std
+    x_test = torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1).to(torch.float32).mul_(scale).add_(shift)
+    return Dataset(name, train, torch.from_numpy(arrays["train_labels"].astype(np.int64)), x_test,
+                   torch.from_numpy(arrays["test_labels"].astype(np.int64)), 10, scale, shift)
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:

@@ -106,7 +106,7 @@ class Experiment:
     def make_node(self, node: int, transport: Transport) -> Node:
         flat = self.build_model(node)
         part = torch.from_numpy(self.parts[node])
-        trainer = LocalTrainer(flat, self.dataset.x_train[part], self.dataset.y_train[part], self.cfg.train,
+        trainer = LocalTrainer(flat, self.dataset.train_inputs(part), self.dataset.y_train[part], self.cfg.train,
                                seed=self.cfg.seed, node=node)
         g = self.cfg.gossip
         merger = Merger(flat.layout, g.merge, g.variance_target, g.conservative_c, g.variance_eps)

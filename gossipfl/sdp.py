@@ -280,11 +280,11 @@ def _metropolis_fallback(graph: nx.Graph, method: str, solver: str, reason: str,
 # spectral scale (a 2048-ring has a gap of 3e-6, a 32-node random graph one of 0.2).
 SMOOTHING_STAGES = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4)
 # Above DENSE_EIGEN_LIMIT nodes block Krylov on the sparse W beats a full eigh (measured: eigh took
-# 12-22 ms at n=256 and 140-460 ms at n=1024). It tracks the EIGENPAIRS of largest |lambda|, enough
-# to hold every eigenvalue within many mu of the SLEM, plus GUARD_PAIRS that shield them from the rest.
+# 12-22 ms at n=256 and 140-460 ms at n=1024). It tracks EXTREME_PAIRS at each end of the spectrum,
+# enough to hold every eigenvalue within many mu of the SLEM, plus GUARD_PAIRS that shield them.
 DENSE_EIGEN_LIMIT = 256
-EIGENPAIRS = 16
-GUARD_PAIRS = 8
+EXTREME_PAIRS = 8
+GUARD_PAIRS = 4
 KRYLOV_DEPTH = 4
 RESIDUAL_TOL = 1e-2  # relative to the spectral gap, the scale that sets mu and the eigenvalue spacing
 INVERT_AFTER = 20  # cycles in one call before switching to shift-and-invert
@@ -325,7 +325,7 @@ def fmmc_subgradient(graph: nx.Graph, iters: int = 1000, start: str = "metropoli
 
 class _SpectrumOracle:
     """Eigenpairs of W(w) on 1-perp: all of them (dense eigh) up to DENSE_EIGEN_LIMIT nodes, else the
-    EIGENPAIRS of largest |lambda|, the ones the smoothed SLEM weighs, by block Krylov on the sparse W."""
+    EXTREME_PAIRS at each end of the spectrum by block Krylov on the sparse W."""
 
     def __init__(self, edges: np.ndarray, n: int) -> None:
         self.edges, self.n = edges, n
@@ -347,19 +347,19 @@ class _SpectrumOracle:
 
 
 class _BlockKrylov:
-    """Eigenpairs of largest |lambda| of W on 1-perp, by restarted block Krylov and Rayleigh-Ritz,
-    warm-started from the previous call's Ritz vectors (the descent moves W a little at a time).
+    """Extreme eigenpairs of W on 1-perp by restarted block Krylov and Rayleigh-Ritz, warm-started from
+    the previous call's Ritz vectors (the descent moves W a little at a time).
 
     A block method because rings and tori have multiple extreme eigenvalues: ARPACK's one-vector
     Lanczos found 2 or 3 copies of a 4-fold one, so the smoothed SLEM jumped by mu log(4/3) from call
     to call and the descent never left Metropolis on 256- and 2048-node tori and rings. When a call
     needs more than INVERT_AFTER cycles (spectral gaps of 1e-5, as on long rings, crowd the extreme
-    eigenvalues), Krylov runs on ((1 + gap) I - W^2)^{-1} instead: same eigenvectors, largest |lambda|
-    first, spread apart; its sparse LU is cheap on exactly such poorly connected, low-dimensional graphs.
+    eigenvalues), the Krylov space is built from ((1 + gap) I -+ W)^{-1} instead, which spread the
+    eigenvalues at each end apart; their sparse LU is cheap on exactly such poorly connected graphs.
     """
 
     def __init__(self, n: int) -> None:
-        self.block = _centred(np.random.default_rng(0).standard_normal((n, EIGENPAIRS + GUARD_PAIRS)))
+        self.block = _centred(np.random.default_rng(0).standard_normal((n, 2 * (EXTREME_PAIRS + GUARD_PAIRS))))
         self.gap = 0.0  # spectral gap at the first call: the scale of the residual tolerance
         self.invert = False
 
@@ -367,49 +367,47 @@ class _BlockKrylov:
         def apply(x: np.ndarray) -> np.ndarray:
             return _centred(matrix @ _centred(x))
 
-        operator = self._inverse(matrix) if self.invert else apply
+        operators = self._inverses(matrix) if self.invert else [apply]
+        half = self.block.shape[1] // 2
+        wanted = np.r_[0:EXTREME_PAIRS, 2 * half - EXTREME_PAIRS:2 * half]
         for cycle in range(1, MAX_CYCLES + 1):
-            basis = _krylov_basis(operator, self.block)
-            thetas, coefficients = np.linalg.eigh(basis.T @ operator(basis))
-            self.block = basis @ coefficients[:, np.argsort(-np.abs(thetas))[:self.block.shape[1]]]
-            values, vectors, residuals = _rayleigh_ritz(apply, self.block)
-            gap = self.gap or 1.0 - abs(values[0])
-            if residuals[:EIGENPAIRS].max() <= RESIDUAL_TOL * gap:
+            basis = _krylov_basis(operators, self.block)
+            image = apply(basis)
+            values, coefficients = np.linalg.eigh(basis.T @ image)
+            kept = np.r_[0:half, len(values) - half:len(values)]
+            self.block, values = basis @ coefficients[:, kept], values[kept]
+            residuals = image @ coefficients[:, kept[wanted]] - self.block[:, wanted] * values[wanted]
+            gap = self.gap or 1.0 - np.abs(values).max()
+            if np.linalg.norm(residuals, axis=0).max() <= RESIDUAL_TOL * gap:
                 break
             if cycle == INVERT_AFTER and not self.invert:
-                self.invert, self.gap = True, self.gap or gap
-                operator = self._inverse(matrix)
+                self.invert, self.gap = True, gap
+                operators = self._inverses(matrix)
         self.gap = gap  # fixed by the first call: later points may come near +-1 and would stall
-        return values[:EIGENPAIRS], vectors[:, :EIGENPAIRS]
+        return values[wanted], self.block[:, wanted]
 
-    def _inverse(self, matrix: sp.csr_matrix) -> Callable[[np.ndarray], np.ndarray]:
-        shifted = (1.0 + self.gap) * sp.eye(matrix.shape[0]) - matrix @ matrix
-        factor = splu(sp.csc_matrix(shifted))
-        return lambda x: _centred(factor.solve(_centred(x)))
-
-
-def _rayleigh_ritz(apply: Callable[[np.ndarray], np.ndarray], block: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Ritz values (largest |value| first), Ritz vectors and residual norms of `apply` on an orthonormal block."""
-    image = apply(block)
-    values, coefficients = np.linalg.eigh(block.T @ image)
-    order = np.argsort(-np.abs(values))
-    values, coefficients = values[order], coefficients[:, order]
-    vectors = block @ coefficients
-    return values, vectors, np.linalg.norm(image @ coefficients - vectors * values, axis=0)
+    def _inverses(self, matrix: sp.csr_matrix) -> list[Callable[[np.ndarray], np.ndarray]]:
+        shift = (1.0 + self.gap) * sp.eye(matrix.shape[0])
+        factors = [splu(sp.csc_matrix(shift - matrix)), splu(sp.csc_matrix(shift + matrix))]
+        return [lambda x, factor=factor: _centred(factor.solve(_centred(x))) for factor in factors]
 
 
 def _centred(x: np.ndarray) -> np.ndarray:
     return x - x.mean(axis=0)
 
 
-def _krylov_basis(apply: Callable[[np.ndarray], np.ndarray], block: np.ndarray) -> np.ndarray:
-    """Orthonormal basis of [X, AX, ..., A^KRYLOV_DEPTH X], block Gram-Schmidt applied twice."""
+def _krylov_basis(operators: list[Callable[[np.ndarray], np.ndarray]], block: np.ndarray) -> np.ndarray:
+    """Orthonormal basis of [X, AX, A^2 X, ...] over the operators A, KRYLOV_DEPTH blocks after X in all,
+    by block Gram-Schmidt applied twice."""
     blocks = [np.linalg.qr(block)[0]]
-    for _ in range(KRYLOV_DEPTH):
-        stacked, following = np.hstack(blocks), apply(blocks[-1])
-        for _ in range(2):
-            following -= stacked @ (stacked.T @ following)
-        blocks.append(np.linalg.qr(following)[0])
+    for operator in operators:
+        latest = blocks[0]
+        for _ in range(KRYLOV_DEPTH // len(operators)):
+            stacked, following = np.hstack(blocks), operator(latest)
+            for _ in range(2):
+                following -= stacked @ (stacked.T @ following)
+            latest = np.linalg.qr(following)[0]
+            blocks.append(latest)
     return np.hstack(blocks)
 
 

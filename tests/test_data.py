@@ -2,6 +2,7 @@ import gzip
 
 import numpy as np
 import pytest
+import torch
 
 from gossipfl import data
 from gossipfl.data import DatasetError
@@ -65,9 +66,11 @@ def test_reads_any_directory_of_idx_files(tmp_path, gz, monkeypatch):
         write_idx(tmp_path / f"{split}-images-idx3-ubyte{suffix}", img, gz)
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, len(img), dtype=np.uint8), gz)
     ds = data.load("fashion-mnist", str(tmp_path))
-    assert ds.x_train.shape == (50, 1, 28, 28) and ds.x_test.shape == (20, 1, 28, 28)
+    assert ds.train_inputs().shape == (50, 1, 28, 28) and ds.x_test.shape == (20, 1, 28, 28)
     assert ds.num_classes == 10 and ds.y_train.dtype.is_floating_point is False
-    assert abs(float(ds.x_train.mean())) < 1e-5  # normalised with training statistics
+    assert abs(float(ds.train_inputs().mean())) < 1e-5  # normalised with training statistics
+    assert float(ds.train_inputs().std()) == pytest.approx(1.0, rel=1e-3)
+    assert ds.train_stored.dtype == torch.uint8  # a quarter of float32 until a node takes its slice
     monkeypatch.setenv("GOSSIPFL_DATA", str(tmp_path))
     assert data.data_dir() == tmp_path and data.resolve_name("auto") == "fashion-mnist"
 
@@ -95,7 +98,7 @@ def test_digits_and_synthetic_are_offline_and_seeded():
     s1 = data.load("synthetic", seed=1, synthetic=(500, 6, 3))
     s2 = data.load("synthetic", seed=1, synthetic=(500, 6, 3))
     assert s1.input_shape == (6,) and s1.num_classes == 3
-    assert (s1.x_train == s2.x_train).all()
+    assert (s1.train_inputs() == s2.train_inputs()).all()
 
 
 def test_too_many_nodes_for_the_data_is_an_error():
