@@ -1,10 +1,13 @@
-"""Quality benchmark: DFedAvg vs DFedSAM vs DFedSAM-MGS, and plain vs variance-corrected merging.
+"""Quality benchmarks: variants of the quickstart trained side by side on the same data split,
+seeds and rounds (Fashion-MNIST by default).
 
-Same data split, seeds and rounds for every variant (16 nodes, ring, Dirichlet 0.3 on
-Fashion-MNIST by default). Prints a table, writes benchmarks/results/algorithms.json and a PNG of
-accuracy against round and against bytes.
+  --suite algorithms: DFedAvg vs DFedSAM vs DFedSAM-MGS, and plain vs variance-corrected merging
+                      (16 nodes, ring, Dirichlet 0.3);
+  --suite weights:    FMMC vs Metropolis mixing weights on a 32-node random geometric graph.
 
-    python benchmarks/bench_algorithms.py [--rounds 40] [--dataset fashion-mnist] [--workers 2]
+Prints a table, writes benchmarks/results/SUITE.json and a PNG of accuracy against round and bytes.
+
+    python benchmarks/bench_algorithms.py [--suite algorithms] [--rounds 40] [--workers 2]
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from common import RESULTS, simulate, table, variant, write
 
 from gossipfl import config
 
-VARIANTS = {
+ALGORITHMS = {
     "DFedAvg (rho 0, Q 1; mean, common init)": {"train.rho": 0.0, "gossip.steps": 1},
     "DFedSAM (Q 1)": {"gossip.steps": 1},
     "DFedSAM-MGS (Q 4)": {"gossip.steps": 4},
@@ -30,6 +33,12 @@ VARIANTS = {
                                                       "gossip.init": "independent",
                                                       "gossip.merge": "variance_corrected"},
 }
+GEOMETRIC_32 = {"topology.kind": "random_geometric", "topology.nodes": 32, "topology.radius": 0.3}
+WEIGHTS = {
+    "Metropolis weights, RGG 32": {**GEOMETRIC_32, "gossip.weights": "metropolis"},
+    "FMMC weights, RGG 32": {**GEOMETRIC_32, "gossip.weights": "fmmc"},
+}
+SUITES = {"algorithms": ALGORITHMS, "weights": WEIGHTS}
 TARGET = 0.70
 
 
@@ -74,6 +83,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=SUITES, default="algorithms")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--dataset", default="auto")
     parser.add_argument("--workers", type=int, default=2)
@@ -81,14 +91,14 @@ def main() -> None:
     shared = {"rounds": args.rounds, "data.dataset": args.dataset}
     with tempfile.TemporaryDirectory() as workdir, ProcessPoolExecutor(args.workers,
                                                                        mp_context=get_context("spawn")) as pool:
-        jobs = [(name, {**shared, **o}, workdir) for name, o in VARIANTS.items()]
+        jobs = [(name, {**shared, **o}, workdir) for name, o in SUITES[args.suite].items()]
         results = list(pool.map(run_one, jobs))
     columns = ["variant", "final_acc_mean", "final_acc_min", "final_acc_avg_model", "best_acc_mean",
                f"round_to_{TARGET:.0%}", f"MB_to_{TARGET:.0%}", "MB_total", "final_consensus", "seconds"]
     print(table(results, columns))
     RESULTS.mkdir(exist_ok=True)
-    plot(results, RESULTS / "algorithms.png")
-    print("wrote", write("algorithms", {"args": vars(args), "results": results}))
+    plot(results, RESULTS / f"{args.suite}.png")
+    print("wrote", write(args.suite, {"args": vars(args), "results": results}))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,9 @@ def _find(directory: Path, stem: str) -> Path:
 
 def _pixel_moments(images: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation of 8-bit pixels from their histogram: exact, no float copy."""
-    counts = np.bincount(images.ravel(), minlength=256).astype(np.float64)
+    flat = images.reshape(-1)
+    block = 1 << 22  # bincount widens its input to int64: count in blocks, not one 8x copy
+    counts = sum(np.bincount(flat[i:i + block], minlength=256) for i in range(0, len(flat), block)).astype(np.float64)
     values = np.arange(len(counts), dtype=np.float64)
     mean = float(counts @ values / counts.sum())
     return mean, float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum()))

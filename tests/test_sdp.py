@@ -49,6 +49,13 @@ def test_known_optimal_slems(graph, expected, program):
     assert program(graph).slem == pytest.approx(expected, abs=1e-6)
 
 
+def test_an_explicit_solver_is_used_and_an_unknown_one_refused():
+    result = sdp.fmmc(nx.petersen_graph(), solver="scs")
+    assert result.solver == "SCS" and result.slem == pytest.approx(3 / 7, abs=1e-3)
+    with pytest.raises(ValueError, match="not installed"):
+        sdp.fmmc(nx.petersen_graph(), solver="NO_SUCH_SOLVER")
+
+
 @pytest.mark.parametrize("graph", random_graphs())
 def test_fdla_beats_fmmc_beats_heuristics_and_both_are_mixing_matrices(graph):
     fdla, fmmc = sdp.fdla(graph), sdp.fmmc(graph)
