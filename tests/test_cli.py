@@ -65,3 +65,11 @@ def test_simulate_uses_a_stored_weights_file(tmp_path):
     out = tmp_path / "run"
     assert main(["simulate", "--out", str(out), *SMALL, "--set", f"gossip.weights_file='{weights}'"]) == 0
     assert json.loads((out / "W.json").read_text())["method"] == "fdla"
+
+
+def test_keys_command_writes_a_pair_per_node(tmp_path, capsys):
+    assert main(["keys", "--nodes", "3", "--out", str(tmp_path / "k")]) == 0
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
+        "keys.toml", "node-0.public", "node-0.secret", "node-1.public", "node-1.secret",
+        "node-2.public", "node-2.secret"]
+    assert (tmp_path / "k" / "node-1.secret").stat().st_mode & 0o777 == 0o600

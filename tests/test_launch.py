@@ -123,3 +123,13 @@ def test_poisson_gossip_in_node_processes_matches_the_engine(small_config, tmp_p
     for i, vector in enumerate(sim.vectors()):
         final = np.load(node_dir(tmp_path / "launch", i) / "final.npy", allow_pickle=False)
         np.testing.assert_allclose(final, vector.numpy(), rtol=0, atol=1e-6)
+
+
+def test_launch_with_curve_keys_runs_encrypted_and_authenticated(small_config, tmp_path):
+    from gossipfl.keys import write_keys
+    write_keys(tmp_path / "keys", range(3))
+    cfg = small_config(topology__nodes=3, rounds=2, deploy__keys=str(tmp_path / "keys"))
+    summary = launch(cfg, tmp_path / "run", progress=False)
+    assert summary["rounds"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["missing"] == 0 and line["rejected"] == {} for line in lines)
