@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import tomli_w
 import zmq
+
+from .config import tomllib  # tomllib, or tomli before Python 3.11
 
 log = logging.getLogger(__name__)
 LISTING = "keys.toml"
