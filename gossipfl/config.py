@@ -138,7 +138,8 @@ class GossipConfig:
     poisson_time: float = 1.0    # poisson: clock time per round
     rate_budget: float = 0.0     # poisson: sum of edge rates; 0 = n/2 (about one exchange per node)
 
-    WEIGHTS = ("metropolis", "max_degree", "uniform_neighbourhood", "best_constant", "fmmc", "fdla")
+    WEIGHTS = ("metropolis", "max_degree", "uniform_neighbourhood", "best_constant", "fmmc", "fdla",
+               "fmmc_first_order")
     SCHEDULES = ("sync", "poisson")
     RATES = ("uniform", "optimal")
     MERGES = ("mean", "variance_corrected")

@@ -16,14 +16,15 @@ def _degrees(graph: nx.Graph) -> np.ndarray:
     return np.array([graph.degree(i) for i in range(graph.number_of_nodes())], dtype=np.float64)
 
 
-def _edges(graph: nx.Graph) -> np.ndarray:
+def edge_array(graph: nx.Graph) -> np.ndarray:
+    """Edges as an m x 2 array in graph.edges order: the order of every per-edge weight vector."""
     return np.array(list(graph.edges), dtype=np.int64).reshape(-1, 2)
 
 
 def from_edge_weights(graph: nx.Graph, weights: np.ndarray) -> np.ndarray:
     """W = I - sum_e w_e (e_u - e_v)(e_u - e_v)^T: symmetric with rows summing to one by construction."""
     n = graph.number_of_nodes()
-    edges = _edges(graph)
+    edges = edge_array(graph)
     w = np.zeros((n, n))
     if len(edges):
         u, v = edges[:, 0], edges[:, 1]
@@ -36,7 +37,7 @@ def from_edge_weights(graph: nx.Graph, weights: np.ndarray) -> np.ndarray:
 def metropolis(graph: nx.Graph) -> np.ndarray:
     """Metropolis-Hastings: w_uv = 1 / (1 + max(d_u, d_v)); needs only the two endpoints' degrees."""
     d = _degrees(graph)
-    edges = _edges(graph)
+    edges = edge_array(graph)
     if not len(edges):
         return np.eye(graph.number_of_nodes())
     return from_edge_weights(graph, 1.0 / (1.0 + np.maximum(d[edges[:, 0]], d[edges[:, 1]])))

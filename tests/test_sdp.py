@@ -6,7 +6,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from gossipfl import mixing, sdp, topology
+from gossipfl import first_order, mixing, sdp, topology
 
 
 def assert_mixing_matrix(w: np.ndarray, graph: nx.Graph, nonnegative: bool) -> None:
@@ -126,28 +126,28 @@ def test_solver_rounding_noise_is_clipped_not_refused(monkeypatch):
 def test_first_order_agrees_with_the_sdp_on_mid_size_graphs():
     for graph in (topology.build("random_geometric", 32, radius=0.4, seed=1),
                   topology.build("erdos_renyi", 40, p=0.15, seed=2)):
-        first_order = sdp.fmmc_subgradient(graph)
-        assert first_order.slem == pytest.approx(sdp.fmmc(graph).slem, abs=1e-3)
-        assert_mixing_matrix(first_order.matrix, graph, nonnegative=True)
+        large = first_order.fmmc_first_order(graph)
+        assert large.slem == pytest.approx(sdp.fmmc(graph).slem, abs=1e-3)
+        assert_mixing_matrix(large.matrix, graph, nonnegative=True)
 
 
 def test_first_order_block_krylov_path_matches_the_dense_one_on_a_torus(monkeypatch):
     graph = topology.build("torus", 144)  # 4-fold extreme eigenvalues, which one-vector Lanczos misses
-    dense = sdp.fmmc_subgradient(graph, iters=100)
-    monkeypatch.setattr(sdp, "DENSE_EIGEN_LIMIT", 100)
-    sparse = sdp.fmmc_subgradient(graph, iters=100)
+    dense = first_order.fmmc_first_order(graph, iters=100)
+    monkeypatch.setattr(first_order, "DENSE_EIGEN_LIMIT", 100)
+    sparse = first_order.fmmc_first_order(graph, iters=100)
     assert sparse.slem == pytest.approx(dense.slem, abs=1e-5)
     assert sparse.slem < mixing.slem(mixing.metropolis(graph)) - 0.01
 
 
 def test_feasible_set_projection_matches_a_quadratic_program():
     graph = topology.build("erdos_renyi", 15, p=0.4, seed=1)
-    edges = mixing._edges(graph)
+    edges = mixing.edge_array(graph)
     point = np.random.default_rng(0).uniform(-0.2, 0.8, len(edges))
     w = cp.Variable(len(edges))
     cp.Problem(cp.Minimize(cp.sum_squares(w - point)),
                [w >= 0, sdp._incidence(edges, 15, signed=False) @ w <= 1]).solve(solver="CLARABEL")
-    projected = sdp._FeasibleSetProjection(edges, 15)(point)
+    projected = first_order._FeasibleSetProjection(edges, 15)(point)
     np.testing.assert_allclose(projected, w.value, atol=1e-6)
 
 
@@ -170,7 +170,7 @@ def test_optimal_rates_on_a_path_reach_the_known_lambda2(n):
 def test_optimal_rates_beat_uniform_rates(graph):
     optimal, uniform = sdp.optimal_rates(graph), sdp.uniform_rates(graph)
     assert optimal.lambda2 >= uniform.lambda2 - 1e-6
-    assert optimal.edges == uniform.edges == [tuple(e) for e in mixing._edges(graph).tolist()]
+    assert optimal.edges == uniform.edges == [tuple(e) for e in mixing.edge_array(graph).tolist()]
 
 
 def test_uniform_rates_resistances_on_a_tree_are_inverse_rates():
