@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .merge import Merger
 from .params import FlatModel
 from .train import LocalTrainer
@@ -37,7 +39,7 @@ class Node:
         self._received = self._missing = 0
 
     @property
-    def vector(self):  # type: ignore[no-untyped-def]
+    def vector(self) -> torch.Tensor:
         return self.flat.vector
 
     def train(self, round_index: int) -> float:
