@@ -18,9 +18,8 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import cvxpy as cp
 import networkx as nx
 import numpy as np
 import scipy.sparse as sp
@@ -30,6 +29,9 @@ from scipy.sparse.linalg import splu
 from gossipfl import mixing, topology
 from gossipfl.mixing import edge_array
 
+if TYPE_CHECKING:  # cvxpy (about 80 MB and 1 s to import) is imported by the functions that solve,
+    import cvxpy as cp  # so node processes that only load a stored W.json never pay for it
+
 # Clarabel (interior point, with chordal decomposition) is fast and accurate while the largest clique
 # of the projected Laplacian's sparsity pattern stays small. Measured on 2 cores: width 11-27 (rings
 # to 256 nodes, tori to 64, random graphs to 32) solved in 0.1-2 s; width 33-64 (tori of 128 and 256,
@@ -37,7 +39,6 @@ from gossipfl.mixing import edge_array
 # within about 1e-4 of the optimal SLEM; CVXPY's default 1e-5 took 6x longer for the same 4 digits.
 CLARABEL_MAX_WIDTH = 28
 SOLVER_OPTIONS: dict[str, dict[str, Any]] = {"SCS": {"eps_abs": 1e-4, "eps_rel": 1e-4}}
-SOLVER_ERRORS = (cp.error.SolverError, ValueError, ArithmeticError, MemoryError)
 # Solver noise above this on w >= 0 or on a node's weight sum means a failed solve (SCS at eps 1e-4
 # left violations of 1.4e-4 on a 64-node graph), below it is rounded onto the feasible set.
 FEASIBILITY_TOL = 1e-3
@@ -170,6 +171,7 @@ class _EdgeProgram:
         return cls(edges, laplacian_map, solver)
 
     def solver(self, requested: str | None) -> str:
+        import cvxpy as cp
         if requested is None:
             return self.default_solver
         if requested.upper() not in cp.installed_solvers():
@@ -177,17 +179,19 @@ class _EdgeProgram:
         return requested.upper()
 
     def projected_laplacian(self, weights: cp.Expression) -> cp.Expression:
+        import cvxpy as cp
         size = math.isqrt(self.laplacian_map.shape[0])
         return cp.reshape(self.laplacian_map @ weights, (size, size), order="F")
 
 
 def _solve(problem: cp.Problem, solver: str) -> str:
     """Run CVXPY; a solver that raises or ends without a solution becomes _Rejected."""
+    import cvxpy as cp
     try:
         with warnings.catch_warnings():  # the status says "optimal_inaccurate" and the answer is checked
             warnings.filterwarnings("ignore", message="Solution may be inaccurate", category=UserWarning)
             problem.solve(solver=solver, **SOLVER_OPTIONS.get(solver, {}))
-    except SOLVER_ERRORS as exc:
+    except (cp.error.SolverError, ValueError, ArithmeticError, MemoryError) as exc:
         raise _Rejected(f"{solver} raised {type(exc).__name__}: {exc}") from exc
     if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
         raise _Rejected(f"{solver} ended with status {problem.status}")
@@ -222,6 +226,7 @@ def fdla(graph: nx.Graph, solver: str | None = None) -> SolveResult:
 
 def _fastest_mixing(graph: nx.Graph, method: str, nonnegative: bool, solver: str | None) -> SolveResult:
     """Minimise s subject to -s I <= V^T (W - 11^T/n) V <= s I, i.e. SLEM(W) <= s, over edge weights."""
+    import cvxpy as cp
     start = time.perf_counter()
     n = topology.validate(graph).number_of_nodes()
     if n == 1:
@@ -283,6 +288,7 @@ def optimal_rates(graph: nx.Graph, budget: float = 1.0, solver: str | None = Non
     Written as V^T L(r) V >= t I on 1-perp; falls back to uniform rates (with a warning) when the
     solver fails or its answer does not check out.
     """
+    import cvxpy as cp
     start = time.perf_counter()
     n = _rates_graph(graph, budget)
     program = _EdgeProgram.of(graph)
