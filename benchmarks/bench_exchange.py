@@ -4,9 +4,9 @@ Variants, each moving float32 vectors of 0.3, 10 and 45 MB:
   raw       pyzmq zero-copy multipart send of the bytes; the receiver does not look at them (baseline)
   gossipfl  wire.encode + ZmqTransport.send -> ZmqTransport.receive + wire.decode with full
             validation (checksum, finiteness, header checks)
-  pickle    pickle.dumps of a torch state_dict of the same total size -> pickle.loads, as
-            decentralizepy exchanges models (the only place pickle appears in gossipfl, on data
-            this benchmark made itself)
+  pickle    the peers' pickle-based path: torch.save of a torch state_dict of the same total size
+            -> torch.load(weights_only=True) (decentralizepy and p2pfl pickle their models; the
+            receiver here uses torch's safe loader, since nothing from another process is unpickled)
 
 The sender streams messages with at most WINDOW unacknowledged, so both processes stay busy;
 throughput is bytes over the time from the first timed send to the last acknowledgement. Both
@@ -25,7 +25,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import pickle
+import io
 import platform
 import queue
 import socket
@@ -79,9 +79,15 @@ def open_receiver(variant: str, count: int, endpoints: dict[str, str], context: 
 
     def receive(i: int) -> None:
         frames = data.recv_multipart(copy=False)
-        if variant == "pickle":  # the peers' way, measured as a baseline: these bytes come from this
-            pickle.loads(frames[-1].buffer)  # benchmark's own sender process, bound to a private endpoint
+        if variant == "pickle":
+            torch.load(io.BytesIO(frames[-1].buffer), weights_only=True)
     return receive, data.close
+
+
+def serialised(model: dict[str, torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.getvalue()
 
 
 def open_sender(variant: str, vector: torch.Tensor, endpoints: dict[str, str], context: zmq.Context):
@@ -99,7 +105,7 @@ def open_sender(variant: str, vector: torch.Tensor, endpoints: dict[str, str], c
         send = lambda i: data.send_multipart([b"h" * 120, payload], copy=False)  # noqa: E731
     else:
         model = state_dict_of(vector)
-        send = lambda i: data.send_multipart([b"h", pickle.dumps(model)], copy=False)  # noqa: E731
+        send = lambda i: data.send_multipart([b"h", serialised(model)], copy=False)  # noqa: E731
     return send, lambda: data.connect(endpoints["data"]), data.close
 
 

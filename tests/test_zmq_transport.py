@@ -1,7 +1,6 @@
 """ZmqTransport over real sockets on 127.0.0.1: exchange, deadlines, late and hostile messages,
 CurveZMQ, and one peer in a separate OS process."""
 
-import socket
 import stat
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import zmq
 
 from gossipfl import keys, wire
 from gossipfl.transport.base import Message
+from gossipfl.launch import free_loopback_addresses
 from gossipfl.transport.zmq import ZmqTransport
 
 LAYOUT = "0123456789abcdef"
@@ -24,15 +24,7 @@ DEADLINE = 0.3
 
 
 def free_endpoints(n):
-    """Ports the kernel just handed out; held together so that they are distinct."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    return [f"tcp://{address}" for address in free_loopback_addresses(n)]
 
 
 def vector(value):
