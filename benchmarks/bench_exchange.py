@@ -40,7 +40,7 @@ import torch
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gossipfl import wire  # noqa: E402
+from gossipfl.transport import wire  # noqa: E402
 from gossipfl.transport.base import Message  # noqa: E402
 from gossipfl.transport.zmq import ZmqTransport, reuse_large_allocations  # noqa: E402
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from common import simulate, table, variant, write
 
 from gossipfl import config
-from gossipfl.launch import launch
+from gossipfl.runtimes.launch import launch
 from gossipfl.metrics import read_metrics
 
 

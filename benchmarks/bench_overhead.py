@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from common import table, variant, write
 
 from gossipfl import config
-from gossipfl.sim import Simulation
+from gossipfl.runtimes.sim import Simulation
 
 
 def timed(fn) -> float:  # type: ignore[no-untyped-def]

@@ -29,7 +29,7 @@ def variant(base: config.ExperimentConfig, overrides: dict[str, Any]) -> config.
 
 
 def simulate(cfg: config.ExperimentConfig, run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from gossipfl.sim import Simulation
+    from gossipfl.runtimes.sim import Simulation
     summary = Simulation(cfg, run_dir=run_dir, progress=False).run()
     return summary, read_metrics(run_dir)
 

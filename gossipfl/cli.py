@@ -11,8 +11,8 @@ from typing import Any
 from . import config as config_mod
 from .config import ConfigError, ExperimentConfig
 from .data import DatasetError
-from .launch import LaunchError
-from .topology import TopologyError
+from .runtimes.launch import LaunchError
+from .graph.topology import TopologyError
 
 USER_ERRORS = (ConfigError, DatasetError, TopologyError, LaunchError, FileNotFoundError)
 
@@ -55,13 +55,13 @@ def finish_run(summary: dict[str, Any], run_dir: Any) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .sim import Simulation
+    from .runtimes.sim import Simulation
     sim = Simulation(load_config(args.config, args.set), run_dir=args.out, progress=not args.quiet)
     return finish_run(sim.run(), sim.run_dir)
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from .launch import launch
+    from .runtimes.launch import launch
     from .metrics import new_run_dir
     defaults = [] if args.config else [f"topology.nodes={LAUNCH_QUICKSTART_NODES}", "name='quickstart-launch'"]
     cfg = load_config(args.config, defaults + args.set)
@@ -71,7 +71,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     import logging
-    from .node_process import run_node
+    from .runtimes.process import run_node
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = config_mod.load(args.config)
     run_dir = cfg.deploy.run_dir or f"{cfg.output}/{cfg.name}"
@@ -81,26 +81,26 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from .keys import write_keys
+    from .transport.keys import write_keys
     listing = write_keys(args.out, range(args.nodes))
     print(f"wrote key pairs for {args.nodes} nodes to {args.out}; public keys listed in {listing}")
     return 0
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
-    from . import sdp, topology
+    from .graph import sdp, topology, weights
     from .plots import plot_graph
     graph = topology.read_graph(args.graph)
     print(f"{args.graph}: n = {graph.number_of_nodes()}, edges = {graph.number_of_edges()}")
     methods = args.compare.split(",") if args.compare else ["metropolis", "max_degree", "best_constant",
                                                              "fmmc", "fdla"]
-    results = {m: sdp.solve_weights(graph, m) for m in dict.fromkeys([*methods, args.weights])}
+    results = {m: weights.solve_weights(graph, m) for m in dict.fromkeys([*methods, args.weights])}
     print(f"{'weights':<14} {'SLEM':>10} {'gap':>10} {'solver':>12} {'seconds':>8}  status")
     for name, r in results.items():
         print(f"{name:<14} {r.slem:>10.6f} {1 - r.slem:>10.6f} {r.solver:>12} {r.seconds:>8.2f}  {r.status}")
     chosen = results[args.weights]
     if args.out:
-        Path(args.out).write_text(json.dumps(sdp.to_json(chosen)) + "\n")
+        Path(args.out).write_text(json.dumps(weights.to_json(chosen)) + "\n")
         print(f"wrote {args.weights} weights to {args.out}")
     rates = None
     if args.rates:

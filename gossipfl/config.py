@@ -79,7 +79,7 @@ class TopologyConfig:
     rows: int = 0                # grid/torus rows (0 = squarest)
 
     def validate(self) -> None:
-        from .topology import KINDS
+        from .graph.topology import KINDS
         if not self.file:
             _choice("topology.kind", self.kind, KINDS)
         if self.nodes < 1:

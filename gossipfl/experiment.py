@@ -15,17 +15,15 @@ import networkx as nx
 import numpy as np
 import torch
 
-from . import data, mixing, models, poisson, sdp, topology
+from . import data, models
+from .graph import mixing, poisson, sdp, topology, weights
 from .config import ExperimentConfig
-from .merge import Merger
-from .node import Node
+from .algorithms.merge import Merger
+from .runtimes.node import Node
 from .params import FlatModel
-from .train import LocalTrainer, round_seed
+from .algorithms.train import LocalTrainer
+from .seeding import INIT_ROUND, POISSON_STREAM, round_seed
 from .transport import Transport
-
-INIT_ROUND = 2**31  # a "round" no run reaches: its seed draws initial weights
-POISSON_STREAM = 2**31  # a "node" id no graph has: its seeds draw Poisson firings
-
 
 class Experiment:
     def __init__(self, cfg: ExperimentConfig):
@@ -49,8 +47,8 @@ class Experiment:
         """The mixing matrix: loaded from gossip.weights_file, else computed (solved once per run)."""
         g = self.cfg.gossip
         if g.weights_file:
-            return sdp.from_json(json.loads(Path(g.weights_file).read_text()), self.graph)
-        result = sdp.solve_weights(self.graph, g.weights)
+            return weights.from_json(json.loads(Path(g.weights_file).read_text()), self.graph)
+        result = weights.solve_weights(self.graph, g.weights)
         mixing.check(result.matrix, self.graph, doubly_stochastic=result.method != "uniform_neighbourhood")
         return result
 
@@ -118,5 +116,5 @@ class Experiment:
 def write_weights(run_dir: str | Path, experiment: Experiment) -> Path:
     """Store the run's mixing matrix as W.json, so every node of a deployment uses exactly it."""
     path = Path(run_dir) / "W.json"
-    path.write_text(json.dumps(sdp.to_json(experiment.weights)) + "\n")
+    path.write_text(json.dumps(weights.to_json(experiment.weights)) + "\n")
     return path

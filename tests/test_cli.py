@@ -42,7 +42,7 @@ def test_console_script_runs_a_config_file(tmp_path):
 
 
 def test_topology_compares_schemes_and_stores_the_chosen_matrix(tmp_path, capsys):
-    from gossipfl import sdp, topology
+    from gossipfl.graph import topology, weights
     graph_file = topology.write_graph(topology.build("torus", 9), tmp_path / "torus.json")
     out, png = tmp_path / "W.json", tmp_path / "g.png"
     assert main(["topology", str(graph_file), "--weights", "fmmc", "--out", str(out), "--rates", "optimal",
@@ -51,19 +51,19 @@ def test_topology_compares_schemes_and_stores_the_chosen_matrix(tmp_path, capsys
     for scheme in ("metropolis", "max_degree", "fmmc", "fdla"):
         assert scheme in printed
     assert "optimal rates: lambda_2" in printed
-    stored = sdp.from_json(json.loads(out.read_text()), topology.read_graph(graph_file))
-    assert stored.method == "fmmc" and stored.slem < sdp.solve_weights(topology.read_graph(graph_file),
+    stored = weights.from_json(json.loads(out.read_text()), topology.read_graph(graph_file))
+    assert stored.method == "fmmc" and stored.slem < weights.solve_weights(topology.read_graph(graph_file),
                                                                        "metropolis").slem
     assert png.stat().st_size > 1000
 
 
 def test_simulate_uses_a_stored_weights_file(tmp_path):
-    from gossipfl import sdp, topology
+    from gossipfl.graph import topology, weights
     graph = topology.build("ring", 4)
-    weights = tmp_path / "W.json"
-    weights.write_text(json.dumps(sdp.to_json(sdp.solve_weights(graph, "fdla"))))
+    path = tmp_path / "W.json"
+    path.write_text(json.dumps(weights.to_json(weights.solve_weights(graph, "fdla"))))
     out = tmp_path / "run"
-    assert main(["simulate", "--out", str(out), *SMALL, "--set", f"gossip.weights_file='{weights}'"]) == 0
+    assert main(["simulate", "--out", str(out), *SMALL, "--set", f"gossip.weights_file='{path}'"]) == 0
     assert json.loads((out / "W.json").read_text())["method"] == "fdla"
 
 

@@ -11,9 +11,9 @@ import pytest
 
 from gossipfl.config import ExperimentConfig
 from gossipfl.experiment import Experiment
-from gossipfl.launch import LaunchError, deployment, launch, start_node, stop_all
-from gossipfl.node_process import node_dir
-from gossipfl.sim import Simulation
+from gossipfl.runtimes.launch import LaunchError, deployment, launch, start_node, stop_all
+from gossipfl.runtimes.process import node_dir
+from gossipfl.runtimes.sim import Simulation
 
 
 def read_rows(run_dir, node):
@@ -126,7 +126,7 @@ def test_poisson_gossip_in_node_processes_matches_the_engine(small_config, tmp_p
 
 
 def test_launch_with_curve_keys_runs_encrypted_and_authenticated(small_config, tmp_path):
-    from gossipfl.keys import write_keys
+    from gossipfl.transport.keys import write_keys
     write_keys(tmp_path / "keys", range(3))
     cfg = small_config(topology__nodes=3, rounds=2, deploy__keys=str(tmp_path / "keys"))
     summary = launch(cfg, tmp_path / "run", progress=False)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from gossipfl import models
-from gossipfl.merge import Merger, VarianceCorrection, weighted_mean
+from gossipfl.algorithms.merge import Merger, VarianceCorrection, weighted_mean
 from gossipfl.params import FlatModel
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from gossipfl import mixing, topology
+from gossipfl.graph import mixing, topology
 
 GRAPHS = {
     "ring": topology.build("ring", 12),

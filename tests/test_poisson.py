@@ -2,8 +2,8 @@ import networkx as nx
 import numpy as np
 import torch
 
-from gossipfl import poisson, sdp, topology
-from gossipfl.sim import Simulation
+from gossipfl.graph import poisson, sdp, topology
+from gossipfl.runtimes.sim import Simulation
 
 
 def apply(x, edges, fired):

@@ -6,7 +6,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from gossipfl import first_order, mixing, sdp, topology
+from gossipfl.graph import first_order, mixing, sdp, topology, weights
 
 
 def assert_mixing_matrix(w: np.ndarray, graph: nx.Graph, nonnegative: bool) -> None:
@@ -185,12 +185,12 @@ def test_rates_fall_back_to_uniform_when_the_solver_fails(crashing_solver):
     np.testing.assert_allclose(result.rates, 0.25)
 
 
-@pytest.mark.parametrize("method", sdp.WEIGHT_METHODS)
+@pytest.mark.parametrize("method", weights.METHODS)
 def test_solve_weights_round_trips_through_json(method):
     graph = topology.build("random_geometric", 12, radius=0.5, seed=3)
-    result = sdp.solve_weights(graph, method)
+    result = weights.solve_weights(graph, method)
     assert result.method == method
-    loaded = sdp.from_json(json.loads(json.dumps(sdp.to_json(result))), graph)
+    loaded = weights.from_json(json.loads(json.dumps(weights.to_json(result))), graph)
     np.testing.assert_array_equal(loaded.matrix, result.matrix)
     assert (loaded.method, loaded.solver, loaded.status, loaded.slem) == (
         result.method, result.solver, result.status, result.slem)
@@ -198,20 +198,20 @@ def test_solve_weights_round_trips_through_json(method):
 
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown weight method"):
-        sdp.solve_weights(nx.path_graph(3), "fastest")
+        weights.solve_weights(nx.path_graph(3), "fastest")
 
 
 def test_tampered_or_foreign_matrices_are_refused_on_load():
     graph = nx.cycle_graph(6)
-    stored = sdp.to_json(sdp.fmmc(graph))
+    stored = weights.to_json(sdp.fmmc(graph))
     edited = json.loads(json.dumps(stored))
     edited["matrix"][0][0] += 0.01
     edited["matrix"][0][1] -= 0.01
     edited["matrix"][1][0] -= 0.01
     edited["matrix"][1][1] += 0.01
     with pytest.raises(ValueError, match="SLEM"):
-        sdp.from_json(edited)
+        weights.from_json(edited)
     with pytest.raises(ValueError, match="not an edge"):
-        sdp.from_json(stored, nx.path_graph(6))
+        weights.from_json(stored, nx.path_graph(6))
     with pytest.raises(ValueError, match="shape"):
-        sdp.from_json({**stored, "n": 5})
+        weights.from_json({**stored, "n": 5})

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import torch
 
-from gossipfl.sim import Simulation
+from gossipfl.runtimes.sim import Simulation
 
 TIMING = {"round_seconds", "train_seconds", "wall_seconds"}
 

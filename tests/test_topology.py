@@ -1,8 +1,8 @@
 import networkx as nx
 import pytest
 
-from gossipfl import topology
-from gossipfl.topology import TopologyError
+from gossipfl.graph import topology
+from gossipfl.graph.topology import TopologyError
 
 
 @pytest.mark.parametrize("kind", topology.KINDS)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from gossipfl import models
 from gossipfl.config import TrainConfig
 from gossipfl.params import FlatModel
-from gossipfl.train import LocalTrainer, sam_perturbation
+from gossipfl.algorithms.train import LocalTrainer, sam_perturbation
 
 
 def setup(rho, steps=6, seed=0):

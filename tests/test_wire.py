@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gossipfl import wire
+from gossipfl.transport import wire
 from gossipfl.transport.base import Message
-from gossipfl.wire import WireError, decode, encode
+from gossipfl.transport.wire import WireError, decode, encode
 
 LAYOUT = "0123456789abcdef"
 COUNT = 37  # not a multiple of any SIMD width, so tail elements are exercised

@@ -13,9 +13,9 @@ import pytest
 import torch
 import zmq
 
-from gossipfl import keys, wire
+from gossipfl.transport import keys, wire
 from gossipfl.transport.base import Message
-from gossipfl.launch import free_loopback_addresses
+from gossipfl.runtimes.launch import free_loopback_addresses
 from gossipfl.transport.zmq import ZmqTransport
 
 LAYOUT = "0123456789abcdef"

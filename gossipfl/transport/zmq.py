@@ -7,7 +7,7 @@ connected yet, so nodes may start in any order), and a message it cannot queue i
 counted in `send_drops`. Queued messages are zero-copy views, so a dead peer pins at most `hwm`
 snapshots, which a node shares among all its neighbours.
 
-Receiving validates every message (`gossipfl.wire.decode`), waits at most `deadline_s` per call,
+Receiving validates every message (`wire.decode`), waits at most `deadline_s` per call,
 keeps messages of future steps for later calls (bounded), and drops and counts in `rejected`
 whatever is invalid, late, duplicated, unexpected, from an unknown or impostor sender, or beyond
 the buffer. Received vectors are zero-copy views of the received frames.
@@ -29,8 +29,8 @@ from collections.abc import Mapping
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from .. import wire
-from ..keys import CurveConfig
+from . import wire
+from .keys import CurveConfig
 from .base import Message, Transport
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import splu
 from threadpoolctl import threadpool_limits
 
-from gossipfl import mixing, topology
-from gossipfl.mixing import edge_array
-from gossipfl.sdp import SolveResult, checked_matrix, node_sums, scale_into_budget
+from . import mixing, topology
+from .mixing import edge_array
+from .sdp import SolveResult, checked_matrix, node_sums, scale_into_budget
 
 # Smoothing stages: mu = factor * (1 - SLEM of the start), so the schedule follows the graph's own
 # spectral scale (a 2048-ring has a gap of 3e-6, a 32-node random graph one of 0.2).

@@ -1,4 +1,4 @@
-"""Optimised gossip weights and rates: the CVXPY programs and a first-order solver for large graphs.
+"""Optimised gossip weights and rates: the CVXPY programs.
 
 FMMC (Boyd, Diaconis, Xiao 2004) and FDLA (Xiao & Boyd 2004) find the symmetric weights with the
 smallest SLEM, hence the fastest consensus; DADAO (Nabli & Oyallon 2023) gives each edge a Poisson
@@ -18,7 +18,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
@@ -26,8 +26,8 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 from scipy.sparse.linalg import splu
 
-from gossipfl import mixing, topology
-from gossipfl.mixing import edge_array
+from . import mixing, topology
+from .mixing import edge_array
 
 if TYPE_CHECKING:  # cvxpy (about 80 MB and 1 s to import) is imported by the functions that solve,
     import cvxpy as cp  # so node processes that only load a stored W.json never pay for it
@@ -43,8 +43,6 @@ SOLVER_OPTIONS: dict[str, dict[str, Any]] = {"SCS": {"eps_abs": 1e-4, "eps_rel":
 # left violations of 1.4e-4 on a 64-node graph), below it is rounded onto the feasible set.
 FEASIBILITY_TOL = 1e-3
 ROUNDING_TOL = 1e-12  # a self-weight of 1 - (sum of weights) may land at -2e-16
-WEIGHT_METHODS = ("metropolis", "max_degree", "best_constant", "uniform_neighbourhood", "fmmc", "fdla",
-                  "fmmc_first_order")
 
 
 @dataclass(frozen=True)
@@ -343,48 +341,3 @@ def _rates_result(graph: nx.Graph, rates: np.ndarray, method: str, solver: str, 
     resistance = pseudo_inverse[u, u] + pseudo_inverse[v, v] - 2.0 * pseudo_inverse[u, v]
     return RatesResult(rates, [(int(a), int(b)) for a, b in edges], lambda2, 1.0 / lambda2,
                        float(resistance.max()), method, solver, status, time.perf_counter() - start)
-
-
-# ---------------------------------------------------------------------------------------------
-# One entry point for every weight method, and the W.json form
-
-
-def solve_weights(graph: nx.Graph, method: str) -> SolveResult:
-    """Mixing weights by name: the closed-form heuristics of gossipfl.mixing, an SDP, or the
-    first-order FMMC for graphs beyond the SDP's reach."""
-    from gossipfl.first_order import fmmc_first_order  # it builds on this module
-    solvers: dict[str, Callable[[nx.Graph], SolveResult]] = {"fmmc": fmmc, "fdla": fdla,
-                                                              "fmmc_first_order": fmmc_first_order}
-    if method in solvers:
-        return solvers[method](graph)
-    if method not in mixing.HEURISTICS:
-        raise ValueError(f"unknown weight method {method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
-    start = time.perf_counter()
-    matrix = mixing.HEURISTICS[method](topology.validate(graph))
-    return SolveResult(matrix, method, "closed-form", "optimal", time.perf_counter() - start, mixing.slem(matrix))
-
-
-def to_json(result: SolveResult) -> dict[str, Any]:
-    """A JSON-ready dict; floats survive json's repr exactly, so every node loads the same W."""
-    return {"n": int(result.matrix.shape[0]), "method": result.method, "solver": result.solver,
-            "status": result.status, "seconds": float(result.seconds), "slem": float(result.slem),
-            "matrix": result.matrix.tolist()}
-
-
-def from_json(data: dict[str, Any], graph: nx.Graph | None = None) -> SolveResult:
-    """Load a stored W and refuse it unless it is a mixing matrix (on `graph`, when given) whose SLEM
-    matches the recorded one: a hand-edited or truncated W.json must not silently change a run."""
-    try:
-        matrix = np.array(data["matrix"], dtype=np.float64)
-        n, method, slem = int(data["n"]), str(data["method"]), float(data["slem"])
-        result = SolveResult(matrix, method, str(data["solver"]), str(data["status"]), float(data["seconds"]), slem)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"not a stored mixing matrix: {exc!r}") from exc
-    if matrix.shape != (n, n):
-        raise ValueError(f"stored matrix has shape {matrix.shape}, expected ({n}, {n})")
-    support = graph if graph is not None else nx.from_numpy_array((matrix != 0).astype(np.float64))
-    mixing.check(matrix, support, doubly_stochastic=method != "uniform_neighbourhood")
-    measured = mixing.slem(matrix)
-    if not math.isclose(measured, slem, rel_tol=1e-9, abs_tol=1e-12):
-        raise ValueError(f"stored matrix has SLEM {measured:.12g} but records {slem:.12g}")
-    return result

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import ExperimentConfig
-from .experiment import Experiment, write_weights
-from .metrics import RunWriter, accuracy, consensus_distance, new_run_dir
-from .node_process import node_dir
+from ..config import ExperimentConfig
+from ..experiment import Experiment, write_weights
+from ..metrics import RunWriter, accuracy, consensus_distance, new_run_dir
+from .process import node_dir
 
 
 class LaunchError(RuntimeError):
@@ -56,7 +56,7 @@ def deployment(experiment: Experiment, run_dir: Path) -> ExperimentConfig:
 
 
 def node_command(config_path: Path, node_id: int, resume: bool = False) -> list[str]:
-    return [sys.executable, "-m", "gossipfl.cli", "node", "--config", str(config_path), "--id", str(node_id),
+    return [sys.executable, "-m", "gossipfl", "node", "--config", str(config_path), "--id", str(node_id),
             *(["--resume"] if resume else [])]
 
 

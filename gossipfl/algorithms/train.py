@@ -12,13 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
-from .params import FlatModel
-
-
-def round_seed(*parts: int) -> int:
-    """A 63-bit seed derived from (experiment seed, node, round, ...): replayable from any round."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+from ..config import TrainConfig
+from ..params import FlatModel
+from ..seeding import round_seed
 
 
 def sam_perturbation(grad: torch.Tensor, rho: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .params import Layout
+from ..params import Layout
 
 
 def weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float], out: torch.Tensor) -> torch.Tensor:

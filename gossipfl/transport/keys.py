@@ -17,7 +17,7 @@ from typing import Iterable
 import tomli_w
 import zmq
 
-from .config import tomllib  # tomllib, or tomli before Python 3.11
+from ..config import tomllib  # tomllib, or tomli before Python 3.11
 
 log = logging.getLogger(__name__)
 LISTING = "keys.toml"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import zmq
 
-from .transport.base import Message
+from .base import Message
 
 PROTOCOL_VERSION = 1
 

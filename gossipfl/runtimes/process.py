@@ -19,13 +19,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import checkpoint
-from .config import ConfigError, ExperimentConfig
-from .experiment import Experiment
-from .keys import load_keys
-from .metrics import accuracy
+from .. import checkpoint
+from ..config import ConfigError, ExperimentConfig
+from ..experiment import Experiment
+from ..transport.keys import load_keys
+from ..metrics import accuracy
 from .node import MODEL, Node
-from .transport.zmq import ZmqTransport, reuse_large_allocations
+from ..transport.zmq import ZmqTransport, reuse_large_allocations
 
 log = logging.getLogger("gossipfl.node")
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .merge import Merger
-from .params import FlatModel
-from .train import LocalTrainer
-from .transport import Message, Transport
+from ..algorithms.merge import Merger
+from ..params import FlatModel
+from ..algorithms.train import LocalTrainer
+from ..transport import Message, Transport
 
 MODEL = "model"
 PAIR_REQUEST, PAIR_REPLY = "pair_request", "pair_reply"
