@@ -20,7 +20,7 @@ from common import simulate, table, variant, write
 
 from gossipfl import config
 from gossipfl.runtimes.launch import launch
-from gossipfl.metrics import read_metrics
+from gossipfl.rundir import read_metrics
 
 
 def node_summaries(run_dir: Path, n: int) -> list[dict]:

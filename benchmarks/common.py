@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from gossipfl import config
-from gossipfl.metrics import read_metrics
+from gossipfl.rundir import read_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -62,7 +62,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from .runtimes.launch import launch
-    from .metrics import new_run_dir
+    from .rundir import new_run_dir
     defaults = [] if args.config else [f"topology.nodes={LAUNCH_QUICKSTART_NODES}", "name='quickstart-launch'"]
     cfg = load_config(args.config, defaults + args.set)
     run_dir = args.out or new_run_dir(cfg.output, cfg.name)

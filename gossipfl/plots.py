@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .metrics import read_metrics  # noqa: E402
+from .rundir import read_metrics  # noqa: E402
 
 AXES = {"round": ("round", "round"), "bytes": ("bytes_sent", "model bytes sent (all nodes)")}
 

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from ..config import ExperimentConfig
 from ..experiment import Experiment, write_weights
-from ..metrics import RunWriter, accuracy, consensus_distance, new_run_dir
+from ..metrics import accuracy, consensus_distance
+from ..rundir import RunWriter, new_run_dir
 from .process import node_dir
 
 
