@@ -22,6 +22,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+ENGINES = ("auto", "nodes", "vectorized")
+DEVICES = ("auto", "cpu", "cuda")
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the field."""
 
@@ -53,12 +57,10 @@ class DataConfig:
     synthetic_features: int = 20
     synthetic_classes: int = 4
 
-    DATASETS = ("auto", "fashion-mnist", "mnist", "digits", "synthetic")
-    PARTITIONS = ("iid", "dirichlet", "shards")
-
     def validate(self) -> None:
-        _choice("data.dataset", self.dataset, self.DATASETS)
-        _choice("data.partition", self.partition, self.PARTITIONS)
+        from .data import DATASETS, PARTITIONS
+        _choice("data.dataset", self.dataset, DATASETS)
+        _choice("data.partition", self.partition, PARTITIONS)
         _positive("data.alpha", self.alpha)
         _positive("data.shards_per_node", self.shards_per_node)
         for name in ("synthetic_samples", "synthetic_features"):
@@ -94,10 +96,9 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [200])  # MLP hidden widths
     width: int = 16              # CNN / ResNet base channels
 
-    NAMES = ("mlp", "cnn", "resnet", "logistic")
-
     def validate(self) -> None:
-        _choice("model.name", self.name, self.NAMES)
+        from .models import MODELS
+        _choice("model.name", self.name, tuple(MODELS))
         if any(h < 1 for h in self.hidden):
             raise ConfigError(f"model.hidden = {self.hidden} must hold positive widths")
         _positive("model.width", self.width)
@@ -138,24 +139,22 @@ class GossipConfig:
     poisson_time: float = 1.0    # poisson: clock time per round
     rate_budget: float = 0.0     # poisson: sum of edge rates; 0 = n/2 (about one exchange per node)
 
-    WEIGHTS = ("metropolis", "max_degree", "uniform_neighbourhood", "best_constant", "fmmc", "fdla",
-               "fmmc_first_order")
-    SCHEDULES = ("sync", "poisson")
     RATES = ("uniform", "optimal")
-    MERGES = ("mean", "variance_corrected")
-    TARGETS = ("follow_others", "follow_self", "conservative")
     INITS = ("common", "independent")
 
     def validate(self) -> None:
+        from .algorithms.merge import MERGES, VARIANCE_TARGETS
+        from .algorithms.schedule import SCHEDULES
+        from .graph.weights import METHODS
         if self.steps < 1:
             raise ConfigError(f"gossip.steps = {self.steps} must be >= 1")
-        _choice("gossip.weights", self.weights, self.WEIGHTS)
-        _choice("gossip.merge", self.merge, self.MERGES)
-        _choice("gossip.variance_target", self.variance_target, self.TARGETS)
+        _choice("gossip.weights", self.weights, tuple(METHODS))
+        _choice("gossip.merge", self.merge, MERGES)
+        _choice("gossip.variance_target", self.variance_target, VARIANCE_TARGETS)
         _in_range("gossip.conservative_c", self.conservative_c, 0.0, 1.0)
         _positive("gossip.variance_eps", self.variance_eps, allow_zero=True)
         _choice("gossip.init", self.init, self.INITS)
-        _choice("gossip.schedule", self.schedule, self.SCHEDULES)
+        _choice("gossip.schedule", self.schedule, SCHEDULES)
         _choice("gossip.rates", self.rates, self.RATES)
         _positive("gossip.poisson_time", self.poisson_time)
         _positive("gossip.rate_budget", self.rate_budget, allow_zero=True)
@@ -165,10 +164,30 @@ class GossipConfig:
 class EvalConfig:
     every: int = 1               # evaluate every this many rounds (and always after the last)
     batch_size: int = 2000
+    nodes: int = 0               # evaluate a fixed seeded sample of this many nodes; 0 = all
+    test_samples: int = 0        # on a fixed seeded sample of this many test examples; 0 = all
 
     def validate(self) -> None:
         _positive("eval.every", self.every)
         _positive("eval.batch_size", self.batch_size)
+        _positive("eval.nodes", self.nodes, allow_zero=True)
+        _positive("eval.test_samples", self.test_samples, allow_zero=True)
+
+
+@dataclass
+class RobustConfig:
+    """What an honest node does with received vectors before it merges them."""
+    guard: str = "auto"          # distance guard: auto = on for network input (node processes), off in simulation
+    guard_factor: float = 10.0   # accept up to this many times the median of recent honest distances
+    guard_max_relative: float = 10.0  # and never more than this many times the node's own norm
+    guard_window: int = 32       # recent accepted distances the median is taken over
+
+    def validate(self) -> None:
+        from .algorithms.robust import GUARD_MODES
+        _choice("robust.guard", self.guard, GUARD_MODES)
+        _positive("robust.guard_factor", self.guard_factor)
+        _positive("robust.guard_max_relative", self.guard_max_relative)
+        _positive("robust.guard_window", self.guard_window)
 
 
 @dataclass
@@ -202,12 +221,15 @@ class ExperimentConfig:
     rounds: int = 30
     output: str = "runs"         # parent folder of run folders
     threads: int = 1             # torch threads for this process
+    engine: str = "auto"         # simulate: auto = vectorized when the config allows it, else nodes
+    device: str = "auto"         # vectorized engine: auto = cuda when torch sees a GPU, else cpu
     data: DataConfig = field(default_factory=DataConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def validate(self) -> "ExperimentConfig":
@@ -215,6 +237,8 @@ class ExperimentConfig:
             raise ConfigError(f"rounds = {self.rounds} must be >= 1")
         if self.threads < 1:
             raise ConfigError(f"threads = {self.threads} must be >= 1")
+        _choice("engine", self.engine, ENGINES)
+        _choice("device", self.device, DEVICES)
         for f in fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):

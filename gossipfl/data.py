@@ -145,6 +145,9 @@ def resolve_name(name: str, path: str = "") -> str:
     return "fashion-mnist" if fashion_mnist_available(path) else "digits"
 
 
+DATASETS = ("auto", "fashion-mnist", "mnist", "digits", "synthetic")
+
+
 def load(name: str, path: str = "", *, seed: int = 0, synthetic: tuple[int, int, int] = (4000, 20, 4)) -> Dataset:
     name = resolve_name(name, path)
     if name in ("fashion-mnist", "mnist"):
@@ -194,9 +197,13 @@ def partition_shards(labels: np.ndarray, nodes: int, shards_per_node: int,
     return [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]
 
 
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
 def partition(labels: np.ndarray, nodes: int, method: str, *, seed: int, alpha: float = 0.3,
               shards_per_node: int = 2) -> list[np.ndarray]:
-    """Split sample indices across nodes; the parts are disjoint and cover every index."""
+    """Split sample indices across nodes (`method` one of PARTITIONS); the parts are disjoint and
+    cover every index."""
     if nodes > len(labels):
         raise DatasetError(f"{nodes} nodes but only {len(labels)} training samples")
     rng = np.random.default_rng(seed)
@@ -206,7 +213,7 @@ def partition(labels: np.ndarray, nodes: int, method: str, *, seed: int, alpha: 
         return partition_dirichlet(labels, nodes, alpha, rng)
     if method == "shards":
         return partition_shards(labels, nodes, shards_per_node, rng)
-    raise DatasetError(f"unknown partition {method!r}")
+    raise DatasetError(f"unknown partition {method!r}; choose one of {', '.join(PARTITIONS)}")
 
 
 def local_test_split(train_parts: list[np.ndarray], train_labels: np.ndarray, test_labels: np.ndarray,

@@ -10,19 +10,24 @@ import dataclasses
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import networkx as nx
 import numpy as np
 import torch
 
 from . import data, models
-from .graph import mixing, poisson, sdp, topology, weights
-from .config import ExperimentConfig
+from .algorithms import schedule
 from .algorithms.merge import Merger
+from .algorithms.robust import DistanceGuard
+from .algorithms.schedule import RoundPlan
+from .algorithms.train import LocalTraining, learning_rate, local_batches, module_gradient
+from .config import ExperimentConfig
+from .graph import mixing, sdp, topology, weights
+from .metrics import Evaluator
+from .params import FlatModel, Layout, StackedModule
 from .runtimes.node import Node
-from .params import FlatModel
-from .algorithms.train import LocalTrainer
-from .seeding import INIT_ROUND, POISSON_STREAM, round_seed
+from .seeding import INIT_ROUND, round_seed
 from .transport import Transport
 
 class Experiment:
@@ -63,11 +68,13 @@ class Experiment:
         budget = g.rate_budget or self.n / 2
         return sdp.optimal_rates(self.graph, budget) if g.rates == "optimal" else sdp.uniform_rates(self.graph, budget)
 
-    def firings(self, round_index: int) -> list[tuple[int, int]]:
-        """The (u, v) pairs that exchange in this round under Poisson clocks, in time order."""
-        rng = np.random.default_rng(round_seed(self.cfg.seed, POISSON_STREAM, round_index))
-        _, fired = poisson.firings(self.rates.rates, self.cfg.gossip.poisson_time, rng)
-        return [self.rates.edges[e] for e in fired]
+    @cached_property
+    def plan(self) -> Callable[[int], RoundPlan]:
+        """plan(r): who trains and which exchanges happen in round r, the same in every runtime."""
+        g = self.cfg.gossip
+        if g.schedule == "poisson":
+            return schedule.poisson_plan(self.rates.rates, self.rates.edges, g.poisson_time, self.cfg.seed)
+        return schedule.sync_plan(g.steps)
 
     @cached_property
     def dataset(self) -> data.Dataset:
@@ -101,16 +108,47 @@ class Experiment:
                               hidden=m.hidden, width=m.width)
         return FlatModel(module)
 
-    def make_node(self, node: int, transport: Transport) -> Node:
+    @cached_property
+    def stacked_model(self) -> StackedModule:
+        """The architecture as a batched function of (B, d) parameter rows (evaluation, vectorized training)."""
+        template = self.build_model(0)
+        return StackedModule(template.module, template.layout)
+
+    def evaluator(self, device: torch.device | str = "cpu") -> Evaluator:
+        return Evaluator(self.stacked_model, self.dataset, self.local_test_parts, self.cfg.eval, self.cfg.seed, device)
+
+    def guarded(self, network: bool) -> bool:
+        """Whether the distance guard filters received vectors: robust.guard = auto guards what comes
+        from a network (node processes) and trusts an in-process simulation."""
+        mode = self.cfg.robust.guard
+        return mode == "on" or (mode == "auto" and network)
+
+    def guard(self, population: int) -> DistanceGuard:
+        r = self.cfg.robust
+        return DistanceGuard(population, r.guard_factor, r.guard_max_relative, r.guard_window)
+
+    def merger(self, layout: Layout) -> Merger:
+        g = self.cfg.gossip
+        return Merger(layout, g.merge, g.variance_target, g.conservative_c, g.variance_eps)
+
+    def neighbour_weights(self, node: int) -> dict[int, float]:
+        row = self.mixing[node]
+        return {int(j): float(row[j]) for j in self.graph.neighbors(node)}
+
+    def make_node(self, node: int, transport: Transport, network: bool) -> Node:
+        """Node `node` over `transport`; `network` says whether its input comes from a real network."""
         flat = self.build_model(node)
         part = torch.from_numpy(self.parts[node])
-        trainer = LocalTrainer(flat, self.dataset.train_inputs(part), self.dataset.y_train[part], self.cfg.train,
-                               seed=self.cfg.seed, node=node)
-        g = self.cfg.gossip
-        merger = Merger(flat.layout, g.merge, g.variance_target, g.conservative_c, g.variance_eps)
-        row = self.mixing[node]
-        neighbours = {int(j): float(row[j]) for j in self.graph.neighbors(node)}
-        return Node(node, flat, trainer, float(row[node]), neighbours, transport, merger, g.steps)
+        if len(part) == 0:
+            raise ValueError(f"node {node} has no training data")
+        x, y, t = self.dataset.train_inputs(part), self.dataset.y_train[part], self.cfg.train
+        training = LocalTraining(flat.params.view(1, -1), flat.grad.view(1, -1), t)
+        return Node(node, flat, training,
+                    batches=lambda r: local_batches(self.cfg.seed, node, r, len(y), t.local_steps, t.batch_size),
+                    gradient=module_gradient(flat, x, y), lr=lambda r: learning_rate(t, r),
+                    self_weight=float(self.mixing[node, node]), neighbour_weights=self.neighbour_weights(node),
+                    transport=transport, merger=self.merger(flat.layout),
+                    guard=self.guard(1) if self.guarded(network) else None)
 
 
 def write_weights(run_dir: str | Path, experiment: Experiment) -> Path:

@@ -1,27 +1,107 @@
-"""Evaluation: what every runtime measures about its models, in one place."""
+"""Evaluation: what every runtime measures about its models, in one place.
+
+Models are evaluated as rows of a (B, d) matrix in batched calls (StackedModule), whether B is
+one node process, all nodes of a Node engine or a chunk of the vectorized engine's nodes. For
+large networks `eval.nodes` and `eval.test_samples` fix a seeded sample of nodes and test examples
+so that evaluation never dominates a round; the metrics record the sample sizes used.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
-from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from .config import EvalConfig
+from .data import Dataset
+from .params import StackedModule
+from .seeding import EVAL_STREAM, round_seed
+
+CHUNK_BYTES = 64 << 20  # float64 scratch per chunk of rows in consensus_distance
+MODEL_SAMPLES = 8192  # model-sample pairs per batched evaluation call
 
 
-@torch.inference_mode()
-def accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
-    """Top-1 accuracy of `module` on (x, y), in eval mode."""
-    if len(y) == 0:
-        return float("nan")
-    module.eval()
-    correct = 0
-    for start in range(0, len(y), batch_size):
-        logits = module(x[start:start + batch_size])
-        correct += int((logits.argmax(dim=1) == y[start:start + batch_size]).sum())
-    return correct / len(y)
+
+def consensus_distance(vectors: torch.Tensor | Sequence[torch.Tensor]) -> float:
+    """(1/n) sum_i ||x_i - mean x||^2, accumulated in float64 over chunks of rows, so it needs no
+    float64 copy of all n vectors (at N = 100 a fresh stack once cost more than training)."""
+    chunks = list(_chunks(vectors))
+    n = sum(len(c) for c in chunks)
+    mean = sum(c.double().sum(dim=0) for c in chunks) / n
+    return float(sum(((c.double() - mean) ** 2).sum() for c in chunks) / n)
 
 
-def consensus_distance(vectors: Sequence[torch.Tensor]) -> float:
-    """(1/n) sum_i ||x_i - mean x||^2, accumulated in float64."""
-    stack = torch.stack(list(vectors)).double()
-    return float(((stack - stack.mean(dim=0)) ** 2).sum(dim=1).mean())
+def _chunks(vectors: torch.Tensor | Sequence[torch.Tensor]):
+    if isinstance(vectors, torch.Tensor):
+        step = max(1, CHUNK_BYTES // (8 * vectors.shape[1]))
+        yield from vectors.split(step)
+    else:
+        step = max(1, CHUNK_BYTES // (8 * vectors[0].numel()))
+        for start in range(0, len(vectors), step):
+            yield torch.stack(list(vectors[start:start + step]))
+
+
+class Evaluator:
+    """Test accuracy of nodes' models on the (sampled) global test set and on each node's own test
+    slice, the average model's accuracy, and the consensus distance."""
+
+    def __init__(self, stacked: StackedModule, dataset: Dataset, local_parts: list[np.ndarray], cfg: EvalConfig,
+                 seed: int, device: torch.device | str = "cpu"):
+        n = len(local_parts)
+        rng = np.random.default_rng(round_seed(seed, EVAL_STREAM))
+        self.nodes = (np.sort(rng.choice(n, cfg.nodes, replace=False)) if 0 < cfg.nodes < n else np.arange(n))
+        tests = len(dataset.y_test)
+        test_index = (np.sort(rng.choice(tests, cfg.test_samples, replace=False))
+                      if 0 < cfg.test_samples < tests else np.arange(tests))
+        self.stacked, self.batch = stacked, cfg.batch_size
+        self.x = dataset.x_test[torch.from_numpy(test_index)].to(device)
+        self.y = dataset.y_test[torch.from_numpy(test_index)].to(device)
+        self.local_x, self.local_y = dataset.x_test.to(device), dataset.y_test.to(device)
+        self.local_parts = [torch.from_numpy(p).to(device) for p in local_parts]
+
+    @torch.inference_mode()
+    def accuracy(self, matrix: torch.Tensor) -> torch.Tensor:
+        """(B,) accuracy of each row's model on the (sampled) global test set."""
+        correct = torch.zeros(matrix.shape[0], dtype=torch.long, device=matrix.device)
+        for index, models in self._model_chunks(matrix):
+            for start in range(0, len(self.y), self.batch):
+                x, y = self.x[start:start + self.batch], self.y[start:start + self.batch]
+                correct[index] += (self.stacked(models, x, shared=True).argmax(dim=2) == y).sum(dim=1)
+        return correct.cpu().double() / len(self.y)
+
+    @torch.inference_mode()
+    def local_accuracy(self, matrix: torch.Tensor, nodes: Sequence[int]) -> torch.Tensor:
+        """(B,) accuracy of row b's model on node nodes[b]'s own test slice (NaN for an empty slice)."""
+        out = torch.full((matrix.shape[0],), float("nan"), dtype=torch.float64)
+        for index, models in self._model_chunks(matrix):
+            parts = [self.local_parts[nodes[b]] for b in index.tolist()]
+            lengths = torch.tensor([len(p) for p in parts], device=matrix.device)
+            padded = pad_sequence(parts, batch_first=True)  # (b, longest), padded with index 0
+            hits = torch.zeros(len(parts), dtype=torch.long, device=matrix.device)
+            for start in range(0, padded.shape[1], self.batch):
+                idx = padded[:, start:start + self.batch]
+                real = torch.arange(start, start + idx.shape[1], device=idx.device)[None, :] < lengths[:, None]
+                right = self.stacked(models, self.local_x[idx]).argmax(dim=2) == self.local_y[idx]
+                hits += (right & real).sum(dim=1)
+            out[index] = torch.where(lengths > 0, hits / lengths.clamp_min(1), float("nan")).cpu().double()
+        return out
+
+    def _model_chunks(self, matrix: torch.Tensor):
+        """(row indices, rows) in chunks small enough that one chunk's activations on one test batch
+        stay within a few hundred MB (MODEL_SAMPLES model-sample pairs per call)."""
+        step = max(1, MODEL_SAMPLES // self.batch)
+        for start in range(0, matrix.shape[0], step):
+            yield torch.arange(start, min(start + step, matrix.shape[0]), device=matrix.device), matrix[start:start + step]
+
+    def evaluate(self, vectors: torch.Tensor) -> dict[str, Any]:
+        """The metrics of one evaluated round from all n nodes' vectors (n, d)."""
+        sample = vectors[torch.from_numpy(self.nodes).to(vectors.device)]
+        acc = self.accuracy(sample)
+        local = self.local_accuracy(sample, self.nodes.tolist())
+        average = self.accuracy(vectors.mean(dim=0, keepdim=True))
+        return {"accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
+                "accuracy_max": float(acc.max()), "accuracy_average_model": float(average[0]),
+                "accuracy_local_mean": float(np.nanmean(local.numpy())) if bool((~local.isnan()).any()) else None,
+                "eval_nodes": len(self.nodes), "eval_test_samples": len(self.y)}

@@ -5,6 +5,7 @@ averaging models never averages running statistics that belong to other data."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from torch import nn
 
@@ -57,16 +58,19 @@ def logistic(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
 
 
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": lambda shape, classes, hidden, width: mlp(shape, classes, hidden),
+    "cnn": lambda shape, classes, hidden, width: cnn(shape, classes, width),
+    "resnet": lambda shape, classes, hidden, width: resnet(shape, classes, width),
+    "logistic": lambda shape, classes, hidden, width: logistic(shape, classes),
+}
+IMAGE_MODELS = ("cnn", "resnet")
+
+
 def build(name: str, input_shape: tuple[int, ...], num_classes: int, *, hidden: list[int] | None = None,
           width: int = 16) -> nn.Module:
-    if name in ("cnn", "resnet") and len(input_shape) != 3:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if name in IMAGE_MODELS and len(input_shape) != 3:
         raise ValueError(f"model.name = {name!r} needs image input (C, H, W), got shape {input_shape}")
-    if name == "mlp":
-        return mlp(input_shape, num_classes, hidden or [200])
-    if name == "cnn":
-        return cnn(input_shape, num_classes, width)
-    if name == "resnet":
-        return resnet(input_shape, num_classes, width)
-    if name == "logistic":
-        return logistic(input_shape, num_classes)
-    raise ValueError(f"unknown model {name!r}")
+    return MODELS[name](input_shape, num_classes, hidden or [200], width)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 from torch import nn
+from torch.func import functional_call, vmap
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -48,12 +51,11 @@ class Layout:
         text = ";".join(f"{e.name}:{'x'.join(map(str, e.shape))}:{e.kind}" for e in self.entries)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def segment_ids(self) -> torch.Tensor:
-        """Per-element index of the entry it belongs to (used for segment reductions)."""
-        ids = torch.empty(self.size, dtype=torch.long)
-        for i, e in enumerate(self.entries):
-            ids[e.offset:e.offset + e.numel] = i
-        return ids
+    def rows(self, matrix: torch.Tensor, entries: Sequence[Entry] | None = None) -> dict[str, torch.Tensor]:
+        """Each entry (or each of `entries`) as a (B, *shape) view of a (B, size) matrix of flat
+        vectors: B models' tensors without a copy."""
+        b = matrix.shape[0]
+        return {e.name: matrix[:, e.offset:e.offset + e.numel].view(b, *e.shape) for e in entries or self.entries}
 
 
 def _owner_kinds(model: nn.Module) -> dict[str, str]:
@@ -107,3 +109,25 @@ class FlatModel:
     def load(self, vector: torch.Tensor) -> None:
         """Copy another flat vector of the same layout into this model, in place."""
         self.vector.copy_(vector)
+
+
+class StackedModule:
+    """B models of one architecture, their parameters and buffers the rows of a (B, size) matrix,
+    run in one batched call (torch.func.vmap over functional_call) instead of a loop of modules.
+    Works for any module whose forward does not update state (no batch-norm running statistics)."""
+
+    def __init__(self, module: nn.Module, layout: Layout):
+        self.module, self.layout = module, layout
+        call = lambda params, x: functional_call(module, params, (x,))  # noqa: E731
+        self._own_inputs = vmap(call)                     # each model on its own inputs
+        self._shared_inputs = vmap(call, in_dims=(0, None))  # every model on the same inputs
+
+    def forward_views(self, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n, C) of B models given as (B, *shape) tensors, on inputs (B, n, ...)."""
+        return self._own_inputs(views, x)
+
+    def __call__(self, matrix: torch.Tensor, x: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """Logits of the models in the rows of `matrix` on inputs (B, n, ...), or with `shared` on
+        one batch (n, ...) that every model sees."""
+        views = self.layout.rows(matrix)
+        return self._shared_inputs(views, x) if shared else self._own_inputs(views, x)

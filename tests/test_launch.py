@@ -31,7 +31,7 @@ def wait_for(predicate, timeout, what):
 
 
 def test_launch_matches_the_in_process_engine(small_config, tmp_path):
-    cfg = small_config(topology__nodes=4, rounds=3)
+    cfg = small_config(topology__nodes=4, rounds=3, engine="nodes")
     summary = launch(cfg, tmp_path / "launch", progress=False)
     assert summary["rounds"] == 3 and summary["runtime"] == "launch"
     lines = [json.loads(line) for line in (tmp_path / "launch" / "metrics.jsonl").read_text().splitlines()]
@@ -115,11 +115,11 @@ def test_sigterm_stops_a_node_cleanly_with_a_summary(small_config, tmp_path, pro
 
 def test_poisson_gossip_in_node_processes_matches_the_engine(small_config, tmp_path):
     cfg = small_config(topology__nodes=4, rounds=2, gossip__schedule="poisson", gossip__rates="optimal",
-                       gossip__poisson_time=2.0, gossip__weights="fmmc")
+                       gossip__poisson_time=2.0, gossip__weights="fmmc", engine="nodes")
     launch(cfg, tmp_path / "launch", progress=False)
     sim = Simulation(cfg, run_dir=tmp_path / "sim", progress=False)
     sim.run()
-    assert len(sim.experiment.firings(0)) > 0
+    assert len(sim.experiment.plan(0).exchanges) > 0
     for i, vector in enumerate(sim.vectors()):
         final = np.load(node_dir(tmp_path / "launch", i) / "final.npy", allow_pickle=False)
         np.testing.assert_allclose(final, vector.numpy(), rtol=0, atol=1e-6)

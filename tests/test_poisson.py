@@ -1,5 +1,6 @@
 import networkx as nx
 import numpy as np
+import pytest
 import torch
 
 from gossipfl.graph import poisson, sdp, topology
@@ -39,18 +40,19 @@ def test_pairwise_gossip_preserves_the_average_and_decays_at_least_at_half_lambd
             assert np.mean(ratios) <= bound * 1.05, (rates.method, t, np.mean(ratios), bound)
 
 
-def test_poisson_schedule_in_the_simulator_preserves_the_average_and_counts_pairs(small_config):
+@pytest.mark.parametrize("engine", ["nodes", "vectorized"])
+def test_poisson_schedule_in_the_simulator_preserves_the_average_and_counts_pairs(small_config, engine):
     sim = Simulation(small_config(train__local_steps=0, gossip__schedule="poisson", gossip__init="independent",
-                                  gossip__poisson_time=2.0), progress=False)
-    x0 = torch.stack(sim.vectors()).double()
+                                  gossip__poisson_time=2.0, engine=engine), progress=False)
+    x0 = sim.vectors().double()
     sim.step(0)
-    x1 = torch.stack(sim.vectors()).double()
+    x1 = sim.vectors().double()
     torch.testing.assert_close(x1.mean(0), x0.mean(0), rtol=0, atol=1e-6)
-    pairs = sim.experiment.firings(0)
-    assert len(pairs) > 0 and all(sim.experiment.graph.has_edge(u, v) for u, v in pairs)
-    d = sim.nodes[0].vector.numel()
-    assert sum(node.transport.bytes_sent for node in sim.nodes) == 2 * len(pairs) * d * 4
-    assert pairs == sim.experiment.firings(0) != sim.experiment.firings(1)
+    pairs = sim.experiment.plan(0).exchanges
+    assert len(pairs) > 0 and all(sim.experiment.graph.has_edge(p.owner, p.peer) and p.owner < p.peer for p in pairs)
+    d = x0.shape[1]
+    assert sim.engine.counters()["bytes_sent"] == 2 * len(pairs) * d * 4
+    assert pairs == sim.experiment.plan(0).exchanges != sim.experiment.plan(1).exchanges
 
 
 def test_optimal_rates_mix_a_barbell_faster_than_uniform_ones():

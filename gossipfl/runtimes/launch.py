@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..config import ExperimentConfig
 from ..experiment import Experiment, write_weights
-from ..metrics import accuracy, consensus_distance
+from ..metrics import consensus_distance
 from ..rundir import RunWriter, new_run_dir
 from .process import node_dir
 
@@ -145,11 +145,9 @@ def final_vectors(run_dir: Path, n: int) -> list[torch.Tensor]:
 
 def global_metrics(experiment: Experiment, vectors: list[torch.Tensor]) -> dict[str, float]:
     """Consensus distance and the accuracy of the average model, from the nodes' final vectors."""
-    probe = experiment.build_model(0)
-    probe.load(torch.stack(vectors).mean(dim=0))
-    ds = experiment.dataset
+    average = torch.stack(vectors).mean(dim=0, keepdim=True)
     return {"consensus_distance": consensus_distance(vectors),
-            "accuracy_average_model": accuracy(probe.module, ds.x_test, ds.y_test, experiment.cfg.eval.batch_size)}
+            "accuracy_average_model": float(experiment.evaluator().accuracy(average)[0])}
 
 
 def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: bool = True,

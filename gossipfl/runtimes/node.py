@@ -1,41 +1,61 @@
-"""A Node: one participant's model, data and round loop, independent of how messages travel.
+"""A Node: one participant's model, data and round, independent of how messages travel.
 
-A round is: local training, then Q gossip steps of [send own vector, receive neighbours' vectors,
-merge]. The phases are separate methods so that a single-process simulator can run each phase
-for all nodes before the next, while a node process simply calls `run_round`.
+A round is local training, then the round plan's exchanges: broadcast steps of [send own vector,
+receive neighbours' vectors, merge] or pairwise exchanges. The phases are separate methods so that
+the Node engine can run each phase for all nodes before the next, while a node process runs its
+own part of the plan. The maths is the algorithm core's, called with a batch of one node.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from ..algorithms.merge import Merger
+from ..algorithms.merge import Merger, keep_finite
+from ..algorithms.robust import DistanceGuard
+from ..algorithms.train import LocalTraining
 from ..params import FlatModel
-from ..algorithms.train import LocalTrainer
 from ..transport import Message, Transport
 
 MODEL = "model"
 PAIR_REQUEST, PAIR_REPLY = "pair_request", "pair_reply"
+SELF = torch.zeros(1, dtype=torch.long)  # a Node is row 0 of its own guard's population
 
 
 @dataclass
 class RoundStats:
     round: int
     train_loss: float
-    received: int    # neighbour vectors merged over all gossip steps
+    received: int    # neighbour vectors merged over all exchanges
     missing: int     # neighbour vectors that did not arrive in time
 
 
+@dataclass
+class NodeCounters:
+    """What a node did to protect itself, per neighbour where it is about one."""
+    clipped: Counter[int] = field(default_factory=Counter)  # received vectors the guard pulled in, by sender
+    rolled_back: int = 0  # merges or training rounds whose non-finite result was undone
+
+    def as_dict(self) -> dict[str, object]:
+        return {"clipped": {str(k): v for k, v in sorted(self.clipped.items())}, "rolled_back": self.rolled_back}
+
+
 class Node:
-    def __init__(self, node_id: int, flat: FlatModel, trainer: LocalTrainer, self_weight: float,
-                 neighbour_weights: dict[int, float], transport: Transport, merger: Merger, gossip_steps: int):
+    def __init__(self, node_id: int, flat: FlatModel, training: LocalTraining,
+                 batches: Callable[[int], torch.Tensor], gradient: Callable[[torch.Tensor], torch.Tensor],
+                 lr: Callable[[int], float], self_weight: float, neighbour_weights: dict[int, float],
+                 transport: Transport, merger: Merger, guard: DistanceGuard | None):
         self.id = node_id
-        self.flat, self.trainer, self.transport, self.merger = flat, trainer, transport, merger
+        self.flat, self.training, self.transport, self.merger, self.guard = flat, training, transport, merger, guard
+        self.batches, self.gradient, self.lr = batches, gradient, lr
         self.self_weight = self_weight
         self.neighbour_weights = {j: w for j, w in neighbour_weights.items() if j != node_id}
-        self.gossip_steps = gossip_steps
+        self.counters = NodeCounters()
+        self._merged = torch.empty(1, flat.layout.size)
+        self._before = torch.empty(1, flat.layout.size)
         self._received = self._missing = 0
 
     @property
@@ -43,12 +63,17 @@ class Node:
         return self.flat.vector
 
     def train(self, round_index: int) -> float:
+        """One round of local training; a round that ends non-finite is undone."""
         self._received = self._missing = 0
-        return self.trainer.run_round(round_index)
+        self._before.copy_(self.vector)
+        self.flat.module.train()
+        loss = self.training.run(self.batches(round_index), self.gradient, self.lr(round_index))
+        self.counters.rolled_back += keep_finite(self.vector.view(1, -1), self._before)
+        return float(loss[0])
 
     def snapshot(self, kind: str, round_index: int, step: int) -> Message:
         """The current vector, copied once and shared read-only by every recipient."""
-        return Message(kind, self.id, round_index, step, self.flat.vector.clone())
+        return Message(kind, self.id, round_index, step, self.vector.clone())
 
     def send(self, round_index: int, step: int) -> None:
         """Send a snapshot of the current vector to every neighbour."""
@@ -60,10 +85,24 @@ class Node:
         """Wait for this step's vectors, then merge whatever arrived (weights renormalised)."""
         got = self.transport.receive(MODEL, round_index, step, set(self.neighbour_weights))
         senders = sorted(got)
-        self._received += len(senders)
         self._missing += len(self.neighbour_weights) - len(senders)
-        self.merger(self.flat.vector, self.self_weight, [got[j].vector for j in senders],
-                    [self.neighbour_weights[j] for j in senders])
+        self.merge([got[j] for j in senders], [self.neighbour_weights[j] for j in senders])
+
+    def merge(self, messages: list[Message], weights: list[float], self_weight: float | None = None) -> None:
+        """Guard, merge and keep finite: the node's own vector is replaced by the merge."""
+        self._received += len(messages)
+        if not messages:
+            return
+        own = self.vector.view(1, -1)
+        received = torch.stack([m.vector for m in messages]).unsqueeze(0)
+        w = torch.tensor([[self.self_weight if self_weight is None else self_weight, *weights]], dtype=torch.float64)
+        if self.guard is not None:
+            flagged = self.guard(SELF, own, received, w)[0]
+            for message, hit in zip(messages, flagged.tolist()):
+                self.counters.clipped[message.sender] += hit
+        self.merger(own, received, w, out=self._merged)
+        self.counters.rolled_back += keep_finite(self._merged, own)
+        own.copy_(self._merged)
 
     # Pairwise exchanges (Poisson-clock gossip): the edge's owner requests, the peer answers with
     # its own vector and merges, the owner merges the answer. Both ends weigh the pair 1/2 : 1/2.
@@ -76,27 +115,19 @@ class Node:
         if peer not in got:
             return self._pair_missing()
         self.transport.send(peer, self.snapshot(PAIR_REPLY, round_index, seq))
-        return self._pair_merge(got[peer])
+        self.merge([got[peer]], [0.5], self_weight=0.5)
+        return True
 
     def finish_pair(self, peer: int, round_index: int, seq: int) -> bool:
         got = self.transport.receive(PAIR_REPLY, round_index, seq, {peer})
-        return self._pair_merge(got[peer]) if peer in got else self._pair_missing()
-
-    def _pair_merge(self, message: Message) -> bool:
-        self._received += 1
-        self.merger(self.flat.vector, 0.5, [message.vector], [0.5])
+        if peer not in got:
+            return self._pair_missing()
+        self.merge([got[peer]], [0.5], self_weight=0.5)
         return True
 
     def _pair_missing(self) -> bool:
         self._missing += 1
         return False
-
-    def run_round(self, round_index: int) -> RoundStats:
-        loss = self.train(round_index)
-        for step in range(self.gossip_steps):
-            self.send(round_index, step)
-            self.receive_and_merge(round_index, step)
-        return self.stats(round_index, loss)
 
     def stats(self, round_index: int, loss: float) -> RoundStats:
         return RoundStats(round_index, loss, self._received, self._missing)

@@ -23,7 +23,7 @@ from .. import checkpoint
 from ..config import ConfigError, ExperimentConfig
 from ..experiment import Experiment
 from ..transport.keys import load_keys
-from ..metrics import accuracy
+from ..algorithms.schedule import Broadcast
 from .node import MODEL, Node
 from ..transport.zmq import ZmqTransport, reuse_large_allocations
 
@@ -62,7 +62,8 @@ class NodeProcess:
         probe = self.experiment.build_model(node_id)
         self.layout = probe.layout.digest()
         self.transport = make_transport(cfg, self.experiment, node_id, self.layout, probe.layout.size)
-        self.node: Node = self.experiment.make_node(node_id, self.transport)
+        self.node: Node = self.experiment.make_node(node_id, self.transport, network=True)
+        self.evaluator = self.experiment.evaluator()
         self.start_round = 0
         saved = checkpoint.load_latest(self.dir, self.layout) if resume else None
         if saved is not None:
@@ -74,23 +75,24 @@ class NodeProcess:
         self.stopping.set()
 
     def evaluate(self) -> dict[str, float]:
-        ds, batch = self.experiment.dataset, self.cfg.eval.batch_size
-        local = torch.from_numpy(self.experiment.local_test_parts[self.id])
-        module = self.node.flat.module
-        return {"accuracy": accuracy(module, ds.x_test, ds.y_test, batch),
-                "accuracy_local": accuracy(module, ds.x_test[local], ds.y_test[local], batch)}
+        row = self.node.vector.view(1, -1)
+        return {"accuracy": float(self.evaluator.accuracy(row)[0]),
+                "accuracy_local": float(self.evaluator.local_accuracy(row, [self.id])[0])}
 
     def exchanges(self, round_index: int) -> list[Callable[[], Any]]:
-        """This node's part of the round's gossip, in order. Sync: Q x [send, receive and merge].
-        Poisson: the round's seeded firings that involve this node, in the global firing order that
-        every process draws alike, so disjoint pairs run concurrently and no pair waits in a cycle."""
+        """This node's part of the round plan, in the plan's order: every broadcast step, and the
+        pairs that involve it (in the global firing order that every process draws alike, so
+        disjoint pairs run concurrently and no pair waits in a cycle)."""
         node, r = self.node, round_index
-        if self.cfg.gossip.schedule == "sync":
-            return [lambda q=q: (node.send(r, q), node.receive_and_merge(r, q)) for q in range(self.cfg.gossip.steps)]
-        mine = [(seq, min(u, v), max(u, v)) for seq, (u, v) in enumerate(self.experiment.firings(r))
-                if self.id in (u, v)]
-        return [(lambda s=seq, p=peer: (node.request_pair(p, r, s), node.finish_pair(p, r, s))) if owner == self.id
-                else (lambda s=seq, o=owner: node.answer_pair(o, r, s)) for seq, owner, peer in mine]
+        steps: list[Callable[[], Any]] = []
+        for e in self.experiment.plan(r).involving(self.id):
+            if isinstance(e, Broadcast):
+                steps.append(lambda q=e.step: (node.send(r, q), node.receive_and_merge(r, q)))
+            elif e.owner == self.id:
+                steps.append(lambda s=e.seq, p=e.peer: (node.request_pair(p, r, s), node.finish_pair(p, r, s)))
+            else:
+                steps.append(lambda s=e.seq, o=e.owner: node.answer_pair(o, r, s))
+        return steps
 
     def gossip(self, round_index: int) -> bool:
         """Run this round's exchanges; False if a stop request cut the round short. The very first

@@ -1,78 +1,125 @@
-"""Run every node of an experiment in one process over the memory transport.
+"""`gossipfl simulate`: every node of an experiment in one process, on one of two engines.
 
-Each phase (train, then per gossip step: all send, all receive and merge) runs for all nodes
-before the next, which is exactly the lock-step schedule node processes follow over sockets.
+The Node engine runs one Node per participant over the memory transport, each phase for all nodes
+before the next: exactly the lock-step schedule node processes follow over sockets, for any model.
+The vectorized engine (runtimes/vectorized.py) holds all nodes as N x d tensors, for thousands of
+nodes on a CPU or a GPU. Both run the same round plan and the same algorithm core, and share this
+loop: progress bar, evaluation, metrics lines and run folder.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import ExperimentConfig
+from ..algorithms.schedule import Broadcast, RoundPlan
+from ..config import ConfigError, ExperimentConfig
 from ..experiment import Experiment, write_weights
-from ..metrics import accuracy, consensus_distance
+from ..metrics import consensus_distance
 from ..rundir import RunWriter, new_run_dir
 from ..transport import MemoryNetwork
 
 
+class Engine(Protocol):
+    """What the simulation loop needs from an engine."""
+
+    def train(self, round_index: int) -> float: ...          # mean local training loss
+    def exchange(self, plan: RoundPlan) -> None: ...          # the round's gossip
+    def vectors(self) -> torch.Tensor: ...                    # (N, d) node vectors (a view or a copy)
+    def counters(self) -> dict[str, Any]: ...                 # bytes sent, drops, clips, rollbacks
+
+
+class NodeEngine:
+    """One Node per participant over the memory transport."""
+
+    def __init__(self, experiment: Experiment):
+        self.network = MemoryNetwork()
+        self.nodes = [experiment.make_node(i, self.network.endpoint(i), network=False) for i in range(experiment.n)]
+
+    def train(self, round_index: int) -> float:
+        return sum(node.train(round_index) for node in self.nodes) / len(self.nodes)
+
+    def exchange(self, plan: RoundPlan) -> None:
+        r = plan.round
+        for e in plan.exchanges:
+            if isinstance(e, Broadcast):
+                for node in self.nodes:
+                    node.send(r, e.step)
+                for node in self.nodes:
+                    node.receive_and_merge(r, e.step)
+            else:
+                owner, peer = self.nodes[e.owner], self.nodes[e.peer]
+                owner.request_pair(peer.id, r, e.seq)
+                peer.answer_pair(owner.id, r, e.seq)
+                owner.finish_pair(peer.id, r, e.seq)
+
+    def vectors(self) -> torch.Tensor:
+        return torch.stack([node.vector for node in self.nodes])
+
+    def counters(self) -> dict[str, Any]:
+        rejected: dict[str, int] = {}
+        for node in self.nodes:
+            for reason, count in node.transport.rejected.items():
+                rejected[reason] = rejected.get(reason, 0) + count
+        return {"bytes_sent": sum(node.transport.bytes_sent for node in self.nodes), "rejected": rejected,
+                "clipped": sum(sum(node.counters.clipped.values()) for node in self.nodes),
+                "rolled_back": sum(node.counters.rolled_back for node in self.nodes)}
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda' but torch sees no CUDA GPU here; use device = 'cpu' or 'auto'")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def choose_engine(cfg: ExperimentConfig) -> tuple[str, torch.device]:
+    """(engine, device) for a simulation: auto picks the vectorized engine, which supports every
+    config today; the Node engine runs on the CPU only."""
+    device = resolve_device(cfg.device)
+    engine = "vectorized" if cfg.engine == "auto" else cfg.engine
+    if engine == "nodes" and device.type != "cpu":
+        if cfg.device != "auto":
+            raise ConfigError(f"device = {cfg.device!r} needs engine = 'vectorized' (the Node engine runs on the CPU)")
+        device = torch.device("cpu")
+    return engine, device
+
+
+def build_engine(experiment: Experiment, engine: str, device: torch.device) -> Engine:
+    if engine == "nodes":
+        return NodeEngine(experiment)
+    from .vectorized import VectorizedEngine
+    return VectorizedEngine(experiment, device)
+
+
 class Simulation:
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: bool = True):
-        self.experiment = Experiment(cfg)
         self.cfg = cfg
-        self.network = MemoryNetwork()
-        self.nodes = [self.experiment.make_node(i, self.network.endpoint(i)) for i in range(self.experiment.n)]
-        self.probe = self.experiment.build_model(0)  # scratch model that evaluates the average vector
+        self.experiment = Experiment(cfg)
+        self.engine_name, self.device = choose_engine(cfg)
+        self.engine = build_engine(self.experiment, self.engine_name, self.device)
+        self.evaluator = self.experiment.evaluator(self.device)
         self.run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output, cfg.name)
         self.progress = progress
 
-    def vectors(self) -> list[torch.Tensor]:
-        return [node.vector for node in self.nodes]
+    @property
+    def nodes(self):  # the Node engine's nodes (tests and tools that inspect single nodes)
+        return self.engine.nodes
 
-    def evaluate(self) -> dict[str, float]:
-        ds, batch = self.experiment.dataset, self.cfg.eval.batch_size
-        accs = [accuracy(node.flat.module, ds.x_test, ds.y_test, batch) for node in self.nodes]
-        local = [accuracy(node.flat.module, ds.x_test[torch.from_numpy(idx)], ds.y_test[torch.from_numpy(idx)],
-                          batch) for node, idx in zip(self.nodes, self.experiment.local_test_parts)]
-        self.probe.load(torch.stack(self.vectors()).mean(dim=0))
-        return {
-            "accuracy_mean": float(np.mean(accs)), "accuracy_min": float(np.min(accs)),
-            "accuracy_max": float(np.max(accs)),
-            "accuracy_average_model": accuracy(self.probe.module, ds.x_test, ds.y_test, batch),
-            "accuracy_local_mean": float(np.nanmean(local)),
-        }
-
-    def train(self, round_index: int) -> float:
-        return float(np.mean([node.train(round_index) for node in self.nodes]))
-
-    def gossip(self, round_index: int) -> None:
-        if self.cfg.gossip.schedule == "poisson":
-            return self.poisson_gossip(round_index)
-        for q in range(self.cfg.gossip.steps):
-            for node in self.nodes:
-                node.send(round_index, q)
-            for node in self.nodes:
-                node.receive_and_merge(round_index, q)
-
-    def poisson_gossip(self, round_index: int) -> None:
-        """Pairwise exchanges on the round's Poisson firings, on a virtual clock (the lower id owns an edge)."""
-        for seq, (u, v) in enumerate(self.experiment.firings(round_index)):
-            owner, peer = self.nodes[min(u, v)], self.nodes[max(u, v)]
-            owner.request_pair(peer.id, round_index, seq)
-            peer.answer_pair(owner.id, round_index, seq)
-            owner.finish_pair(peer.id, round_index, seq)
+    def vectors(self) -> torch.Tensor:
+        return self.engine.vectors()
 
     def step(self, round_index: int) -> tuple[float, float]:
         """One round for all nodes; returns (mean train loss, seconds spent in local training)."""
         start = time.perf_counter()
-        loss = self.train(round_index)
+        loss = self.engine.train(round_index)
         train_seconds = time.perf_counter() - start
-        self.gossip(round_index)
+        self.engine.exchange(self.experiment.plan(round_index))
         return loss, train_seconds
 
     def run(self) -> dict[str, Any]:
@@ -80,26 +127,22 @@ class Simulation:
         write_weights(self.run_dir, self.experiment)
         rounds, every = self.cfg.rounds, self.cfg.eval.every
         start = time.perf_counter()
-        bar = tqdm(range(rounds), desc=f"{self.cfg.name} ({self.experiment.n} nodes)", unit="round",
-                   disable=not self.progress)
+        bar = tqdm(range(rounds), desc=f"{self.cfg.name} ({self.experiment.n} nodes, {self.engine_name})",
+                   unit="round", disable=not self.progress)
         try:
             for r in bar:
                 round_start = time.perf_counter()
                 loss, train_seconds = self.step(r)
                 record: dict[str, Any] = {"round": r, "train_loss": loss}
                 if (r + 1) % every == 0 or r == rounds - 1:
-                    record.update(self.evaluate())
+                    vectors = self.vectors()
+                    record.update(self.evaluator.evaluate(vectors), consensus_distance=consensus_distance(vectors))
                     bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}", loss=f"{loss:.3f}")
-                record.update(
-                    consensus_distance=consensus_distance(self.vectors()),
-                    bytes_sent=sum(node.transport.bytes_sent for node in self.nodes),
-                    round_seconds=time.perf_counter() - round_start,
-                    train_seconds=train_seconds,
-                    wall_seconds=time.perf_counter() - start,
-                )
+                record.update(self.engine.counters(), round_seconds=time.perf_counter() - round_start,
+                              train_seconds=train_seconds, wall_seconds=time.perf_counter() - start)
                 writer.log(record)
             return writer.write_summary(nodes=self.experiment.n, dataset=self.experiment.dataset.name,
-                                        run_dir=str(self.run_dir))
+                                        run_dir=str(self.run_dir), engine=self.engine_name, device=str(self.device))
         finally:
             bar.close()
             writer.close()

@@ -1,0 +1,66 @@
+"""Filters: what an honest node does with the vectors it received before it merges them.
+
+A filter sees B nodes at once: `rows` (B,) their indices in the filter's population (the node ids
+in the vectorized engine, [0] for a Node), own (B, d), received (B, K, d) and weights (B, K + 1)
+with 0 for a missing sender. It may replace received rows or change weights in place, and returns
+a (B, K) mask of the senders it acted on, which runtimes count per neighbour.
+
+`DistanceGuard` is the floor every runtime applies to untrusted input: a vector from a neighbour
+may move a node at most a bounded distance, learned from that node's recent honest traffic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GUARD_MODES = ("auto", "on", "off")
+WARMUP = 4  # accepted distances a node must have seen before its learned bound is used
+
+
+class DistanceGuard:
+    """Clip each received vector to within `bound` of the node's own: x_j <- x_i + (x_j - x_i) *
+    min(1, bound / ||x_j - x_i||), as ClippedGossip does, with bound = min(factor * median of the
+    node's last `window` accepted distances, max_relative * ||x_i||) (only the second until WARMUP
+    distances are known). A finite 1e30 vector, which would otherwise turn a node's model into
+    NaN after the merge, is pulled to the node's own vector. Distances are recorded clipped, so a
+    minority of attackers sending at the bound cannot ratchet it up: the median ignores them."""
+
+    def __init__(self, population: int, factor: float = 10.0, max_relative: float = 10.0, window: int = 32):
+        self.factor, self.max_relative = factor, max_relative
+        self.history = torch.full((population, window), float("nan"), dtype=torch.float64)
+        self.position = torch.zeros(population, dtype=torch.long)
+        self.seen = torch.zeros(population, dtype=torch.long)
+
+    def bound(self, rows: torch.Tensor, own_norm: torch.Tensor) -> torch.Tensor:
+        """(B,) the largest distance each node accepts now."""
+        cap = self.max_relative * own_norm
+        learned = self.factor * self.history[rows].nanmedian(dim=1).values
+        ready = self.seen[rows] >= WARMUP
+        floor = 1e-6 * own_norm  # a node whose neighbours were once identical must not lock at 0
+        return torch.where(ready, torch.minimum(learned, cap), cap).clamp_min(floor)
+
+    def __call__(self, rows: torch.Tensor, own: torch.Tensor, received: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        b, k = received.shape[:2]
+        distance = torch.empty(b, k, dtype=torch.float64)
+        for j in range(k):
+            distance[:, j] = torch.linalg.vector_norm(received[:, j] - own, dim=1).double()
+        bound = self.bound(rows, torch.linalg.vector_norm(own, dim=1).double())
+        present = weights[:, 1:] > 0
+        clipped = present & ~(distance <= bound[:, None])  # an overflowed (inf) distance is clipped too
+        for r, j in clipped.nonzero().tolist():
+            scale = float(bound[r] / distance[r, j])
+            received[r, j] = own[r] + (received[r, j] - own[r]) * scale if scale > 0 else own[r]
+            if not bool(torch.isfinite(received[r, j]).all()):
+                received[r, j] = own[r]
+        self._record(rows, torch.minimum(distance, bound[:, None]), present)
+        return clipped
+
+    def _record(self, rows: torch.Tensor, distance: torch.Tensor, present: torch.Tensor) -> None:
+        window = self.history.shape[1]
+        for j in range(distance.shape[1]):
+            take = rows[present[:, j]]
+            if len(take):
+                self.history[take, self.position[take] % window] = distance[present[:, j], j]
+                self.position[take] += 1
+                self.seen[take] += 1
