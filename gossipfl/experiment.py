@@ -108,14 +108,15 @@ class Experiment:
                               hidden=m.hidden, width=m.width)
         return FlatModel(module)
 
-    @cached_property
-    def stacked_model(self) -> StackedModule:
-        """The architecture as a batched function of (B, d) parameter rows (evaluation, vectorized training)."""
+    def stacked_model(self, training: bool) -> StackedModule:
+        """The architecture as a batched function of (B, d) parameter rows, in training or eval mode."""
         template = self.build_model(0)
+        template.module.train(training)
         return StackedModule(template.module, template.layout)
 
     def evaluator(self, device: torch.device | str = "cpu") -> Evaluator:
-        return Evaluator(self.stacked_model, self.dataset, self.local_test_parts, self.cfg.eval, self.cfg.seed, device)
+        return Evaluator(self.stacked_model(training=False), self.dataset, self.local_test_parts, self.cfg.eval,
+                         self.cfg.seed, device)
 
     def guarded(self, network: bool) -> bool:
         """Whether the distance guard filters received vectors: robust.guard = auto guards what comes

@@ -22,14 +22,14 @@ def weight_variances(flat, vector):
 
 
 def rows(*vectors):
-    return torch.stack(vectors).unsqueeze(0)  # (1, K, d): one node's received vectors
+    return [v.view(1, -1) for v in vectors]  # one node's received vectors
 
 
 def test_weighted_mean_renormalises_over_what_arrived():
     own = torch.full((2, 4), 1.0)
     received = torch.stack([torch.full((2, 1, 4), 4.0), torch.full((2, 1, 4), 100.0)], dim=1).squeeze(2)
     weights = torch.tensor([[0.5, 0.25, 0.0], [0.5, 0.25, 0.25]], dtype=torch.float64)  # node 0 misses a sender
-    out = weighted_mean(own, received, weights, torch.empty(2, 4))
+    out = weighted_mean(own, received.unbind(1), weights, torch.empty(2, 4))
     torch.testing.assert_close(out[0], torch.full((4,), 2.0))
     torch.testing.assert_close(out[1], torch.full((4,), (0.5 + 1.0 + 25.0) / 1.0))
 
@@ -100,18 +100,18 @@ def test_merging_many_nodes_at_once_equals_merging_each_alone(rule):
     """The vectorized engine merges chunks of nodes; a Node merges a batch of one."""
     vectors = torch.stack([xavier_mlp(s).vector * (1 + 0.1 * s) for s in range(5)])
     merger = Merger(xavier_mlp(0).layout, rule)
-    own, received = vectors[:3], torch.stack([vectors[[1, 2]], vectors[[3, 4]], vectors[[0, 4]]])
+    own, received = vectors[:3], torch.stack([vectors[[1, 2]], vectors[[3, 4]], vectors[[0, 4]]]).unbind(1)
     weights = torch.tensor([[0.4, 0.3, 0.3], [0.5, 0.5, 0.0], [0.2, 0.2, 0.6]], dtype=torch.float64)
     together = merger(own, received, weights, torch.empty_like(own))
     for b in range(3):
-        alone = merger(own[b:b + 1], received[b:b + 1], weights[b:b + 1], torch.empty_like(own[b:b + 1]))
+        alone = merger(own[b:b + 1], [r[b:b + 1] for r in received], weights[b:b + 1], torch.empty_like(own[b:b + 1]))
         torch.testing.assert_close(together[b], alone[0], rtol=0, atol=0)
 
 
 def test_merger_without_neighbours_keeps_own_vector():
     flat = xavier_mlp(0)
     own = flat.vector.view(1, -1)
-    out = Merger(flat.layout, "variance_corrected")(own, own.new_zeros(1, 0, own.shape[1]),
+    out = Merger(flat.layout, "variance_corrected")(own, [],
                                                     torch.tensor([[0.4]], dtype=torch.float64), torch.empty_like(own))
     assert torch.equal(out, own)
 

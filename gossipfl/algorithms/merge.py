@@ -1,7 +1,8 @@
 """Merge rules over stacked vectors: B nodes at once, each with its own vector and K received ones.
 
-Shapes: own (B, d), received (B, K, d), weights (B, K + 1) with column 0 for the node itself and 0
-for a sender that did not arrive. A Node merges with B = 1; the vectorized engine merges chunks of
+Shapes: own (B, d); received, K tensors of (B, d) (a Node's received vectors as they came, or the
+columns of a gathered (B, K, d) block, `block.unbind(1)`: no copy either way); weights (B, K + 1)
+with column 0 for the node itself and 0 for a sender that did not arrive. A Node merges with B = 1; the vectorized engine merges chunks of
 nodes, or computes the plain mean as the sparse product W @ X and reuses the correction below.
 
 `weighted_mean` is plain gossip averaging. `VarianceCorrection` (Tian et al. 2024) then rescales
@@ -15,6 +16,8 @@ between the plain mean's variance and follow_others (c = 1 is follow_others, c =
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -32,13 +35,13 @@ def normalised(weights: torch.Tensor) -> torch.Tensor:
     return weights / total
 
 
-def weighted_mean(own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor,
+def weighted_mean(own: torch.Tensor, received: Sequence[torch.Tensor], weights: torch.Tensor,
                   out: torch.Tensor) -> torch.Tensor:
     """out[b] = sum_k w[b, k] x[b, k] / sum_k w[b, k] over the node itself (k = 0) and its K senders."""
     w = normalised(weights).to(own.dtype)
     torch.mul(own, w[:, :1], out=out)
-    for k in range(received.shape[1]):
-        out.addcmul_(received[:, k], w[:, k + 1:k + 2])
+    for k, rows in enumerate(received):
+        out.addcmul_(rows, w[:, k + 1:k + 2])
     return out
 
 
@@ -87,13 +90,14 @@ class VarianceCorrection:
             m = mean[:, t:t + 1].to(mixed.dtype)
             mixed[:, s].sub_(m).mul_(scale[:, t:t + 1].to(mixed.dtype)).add_(m)
 
-    def correct(self, mixed: torch.Tensor, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor) -> None:
+    def correct(self, mixed: torch.Tensor, own: torch.Tensor, received: Sequence[torch.Tensor],
+                weights: torch.Tensor) -> None:
         """Correct `mixed`, the weighted mean of `own` and `received`, in place (the gather path)."""
         if not self.slices:
             return
         w = normalised(weights).double()
         own_var = self.moments(own)[1]
-        received_var = torch.stack([self.moments(received[:, k])[1] for k in range(received.shape[1])], dim=1)
+        received_var = torch.stack([self.moments(rows)[1] for rows in received], dim=1)
         contributors = w[:, :1] * own_var + (w[:, 1:, None] * received_var).sum(dim=1)
         moments = self.moments(mixed)
         self.apply(mixed, self.target_variance(own_var, contributors, moments[1]), moments)
@@ -108,11 +112,11 @@ class Merger:
             raise ValueError(f"merge rule {rule!r}; choose one of {', '.join(MERGES)}")
         self.correction = VarianceCorrection(layout, target, c, eps) if rule == "variance_corrected" else None
 
-    def __call__(self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor,
+    def __call__(self, own: torch.Tensor, received: Sequence[torch.Tensor], weights: torch.Tensor,
                  out: torch.Tensor) -> torch.Tensor:
         """The merge of each row of `own` with its received rows, written to `out` (B, d)."""
         weighted_mean(own, received, weights, out)
-        if self.correction is not None and received.shape[1]:
+        if self.correction is not None and len(received):
             self.correction.correct(out, own, received, weights)
         return out
 

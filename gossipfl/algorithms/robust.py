@@ -1,15 +1,19 @@
 """Filters: what an honest node does with the vectors it received before it merges them.
 
 A filter sees B nodes at once: `rows` (B,) their indices in the filter's population (the node ids
-in the vectorized engine, [0] for a Node), own (B, d), received (B, K, d) and weights (B, K + 1)
-with 0 for a missing sender. It may replace received rows or change weights in place, and returns
-a (B, K) mask of the senders it acted on, which runtimes count per neighbour.
+in the vectorized engine, [0] for a Node), own (B, d), received (K tensors of (B, d), as the merge
+rules take them) and weights (B, K + 1) with 0 for a missing sender. It returns what the merge
+should use instead, (received, weights), never writing into its inputs (a received vector may be
+shared by every recipient), and a (B, K) mask of the senders it acted on, which runtimes count
+per neighbour.
 
 `DistanceGuard` is the floor every runtime applies to untrusted input: a vector from a neighbour
 may move a node at most a bounded distance, learned from that node's recent honest traffic.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -39,22 +43,25 @@ class DistanceGuard:
         floor = 1e-6 * own_norm  # a node whose neighbours were once identical must not lock at 0
         return torch.where(ready, torch.minimum(learned, cap), cap).clamp_min(floor)
 
-    def __call__(self, rows: torch.Tensor, own: torch.Tensor, received: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
-        b, k = received.shape[:2]
-        distance = torch.empty(b, k, dtype=torch.float64)
-        for j in range(k):
-            distance[:, j] = torch.linalg.vector_norm(received[:, j] - own, dim=1).double()
+    def __call__(self, rows: torch.Tensor, own: torch.Tensor, received: Sequence[torch.Tensor],
+                 weights: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        distance = torch.empty(own.shape[0], len(received), dtype=torch.float64)
+        for j, x in enumerate(received):
+            distance[:, j] = torch.linalg.vector_norm(x - own, dim=1).double()
         bound = self.bound(rows, torch.linalg.vector_norm(own, dim=1).double())
         present = weights[:, 1:] > 0
         clipped = present & ~(distance <= bound[:, None])  # an overflowed (inf) distance is clipped too
-        for r, j in clipped.nonzero().tolist():
-            scale = float(bound[r] / distance[r, j])
-            received[r, j] = own[r] + (received[r, j] - own[r]) * scale if scale > 0 else own[r]
-            if not bool(torch.isfinite(received[r, j]).all()):
-                received[r, j] = own[r]
+        out = list(received)
+        for j in clipped.any(dim=0).nonzero().flatten().tolist():
+            out[j] = out[j].clone()  # copy on write
+            for r in clipped[:, j].nonzero().flatten().tolist():
+                x = out[j][r]
+                scale = float(bound[r] / distance[r, j])
+                x.copy_(own[r] + (x - own[r]) * scale if scale > 0 else own[r])
+                if not bool(torch.isfinite(x).all()):
+                    x.copy_(own[r])
         self._record(rows, torch.minimum(distance, bound[:, None]), present)
-        return clipped
+        return out, weights, clipped
 
     def _record(self, rows: torch.Tensor, distance: torch.Tensor, present: torch.Tensor) -> None:
         window = self.history.shape[1]

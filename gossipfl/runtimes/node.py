@@ -66,7 +66,6 @@ class Node:
         """One round of local training; a round that ends non-finite is undone."""
         self._received = self._missing = 0
         self._before.copy_(self.vector)
-        self.flat.module.train()
         loss = self.training.run(self.batches(round_index), self.gradient, self.lr(round_index))
         self.counters.rolled_back += keep_finite(self.vector.view(1, -1), self._before)
         return float(loss[0])
@@ -94,11 +93,11 @@ class Node:
         if not messages:
             return
         own = self.vector.view(1, -1)
-        received = torch.stack([m.vector for m in messages]).unsqueeze(0)
+        received = [m.vector.view(1, -1) for m in messages]
         w = torch.tensor([[self.self_weight if self_weight is None else self_weight, *weights]], dtype=torch.float64)
         if self.guard is not None:
-            flagged = self.guard(SELF, own, received, w)[0]
-            for message, hit in zip(messages, flagged.tolist()):
+            received, w, flagged = self.guard(SELF, own, received, w)
+            for message, hit in zip(messages, flagged[0].tolist()):
                 self.counters.clipped[message.sender] += hit
         self.merger(own, received, w, out=self._merged)
         self.counters.rolled_back += keep_finite(self._merged, own)

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -24,7 +25,7 @@ from ..config import ConfigError, ExperimentConfig
 from ..experiment import Experiment
 from ..transport.keys import load_keys
 from ..algorithms.schedule import Broadcast
-from .node import MODEL, Node
+from .node import Node
 from ..transport.zmq import ZmqTransport, reuse_large_allocations
 
 log = logging.getLogger("gossipfl.node")
@@ -50,6 +51,18 @@ def make_transport(cfg: ExperimentConfig, experiment: Experiment, node_id: int, 
                         max_message_bytes=max_bytes, curve=curve)
 
 
+def backed_round(claims: Mapping[int, int], current: int, rounds: int) -> int:
+    """The round a node moves to when its neighbours are ahead: the newest round that a majority of
+    the neighbours heard from have reached, never past the run's last round and never behind its
+    own. A round number from the network is a claim, not an order: one spoofed message for round
+    2**31 - 1 once made a node skip to it, and its own messages then ended the run for everyone."""
+    if not claims:
+        return current
+    majority = len(claims) // 2 + 1
+    backed = sorted(claims.values(), reverse=True)[majority - 1]
+    return max(current, min(backed, rounds - 1))
+
+
 class NodeProcess:
     """Runs one node's rounds; `stop()` (or a signal) ends it after the current gossip step."""
 
@@ -65,6 +78,7 @@ class NodeProcess:
         self.node: Node = self.experiment.make_node(node_id, self.transport, network=True)
         self.evaluator = self.experiment.evaluator()
         self.start_round = 0
+        self.io_errors = 0
         saved = checkpoint.load_latest(self.dir, self.layout) if resume else None
         if saved is not None:
             self.node.flat.load(saved.vector)
@@ -113,7 +127,7 @@ class NodeProcess:
         with (self.dir / "metrics.jsonl").open("a") as metrics:
             r = self.start_round
             while r < cfg.rounds and not self.stopping.is_set():
-                ahead = self.transport.newest_round(MODEL)
+                ahead = backed_round(self.transport.claimed_rounds(), r, cfg.rounds)
                 if ahead > r:  # neighbours moved on while this node was down: rejoin at their round
                     log.info("node %d skips rounds %d..%d to rejoin", self.id, r, ahead - 1)
                     r = ahead
@@ -127,22 +141,43 @@ class NodeProcess:
                 record = {"round": r, "train_loss": loss, **(self.evaluate() if evaluate else {}),
                           "bytes_sent": self.transport.bytes_sent, "received": stats.received,
                           "missing": stats.missing, "rejected": dict(self.transport.rejected),
+                          **self.node.counters.as_dict(), "io_errors": self.io_errors,
                           "round_seconds": time.perf_counter() - round_start, "train_seconds": train_seconds,
                           "wall_seconds": time.perf_counter() - started}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                self.best_effort(f"the metrics line of round {r}", lambda: (metrics.write(json.dumps(record) + "\n"),
+                                                                            metrics.flush()))
                 completed = r
                 every = cfg.deploy.checkpoint_every
                 if every and ((r + 1) % every == 0 or r == cfg.rounds - 1):
-                    checkpoint.save(self.dir, r, self.node.vector, self.layout)
+                    self.best_effort(f"the checkpoint of round {r}",
+                                     lambda: checkpoint.save(self.dir, r, self.node.vector, self.layout))
                 r += 1
-        np.save(self.dir / "final.npy", self.node.vector.numpy(), allow_pickle=False)
+        self.best_effort("final.npy", lambda: np.save(self.dir / "final.npy", self.node.vector.numpy(),
+                                                      allow_pickle=False), attempts=5)
         summary = {"node": self.id, "rounds_completed": completed + 1, "stopped_early": completed < cfg.rounds - 1,
                    "bytes_sent": self.transport.bytes_sent, "rejected": dict(self.transport.rejected),
+                   **self.node.counters.as_dict(), "io_errors": self.io_errors,
                    "wall_seconds": time.perf_counter() - started,
                    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.best_effort("summary.json", lambda: (self.dir / "summary.json").write_text(json.dumps(summary, indent=2)
+                                                                                        + "\n"), attempts=5)
         return summary
+
+    def best_effort(self, what: str, write: Callable[[], object], attempts: int = 1) -> bool:
+        """Write something a run can live without (a checkpoint, a metrics line) without letting an
+        I/O error end the node: out of file descriptors or disk, it says so, counts it and goes on;
+        `attempts` > 1 retries, for what matters at the end."""
+        for attempt in range(attempts):
+            try:
+                write()
+                return True
+            except OSError as error:
+                self.io_errors += 1
+                log.warning("node %d could not write %s (%s)%s", self.id, what, error,
+                            "; retrying" if attempt < attempts - 1 else "; skipped")
+                if attempt < attempts - 1:
+                    time.sleep(0.2 * (attempt + 1))
+        return False
 
     def close(self) -> None:
         self.transport.close()

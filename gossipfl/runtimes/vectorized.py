@@ -39,7 +39,7 @@ class VectorizedEngine:
         self.spare = torch.empty_like(self.x)  # the gossip step's output, and the round's start for rollbacks
         self.grad = torch.zeros(n, layout.n_trainable, device=device)
         self.training = LocalTraining(self.x[:, :layout.n_trainable], self.grad, cfg.train)
-        self.gradient = StackedGradient(experiment.stacked_model, layout, self.x, self.grad)
+        self.gradient = StackedGradient(experiment.stacked_model(training=True), layout, self.x, self.grad)
         self._data(experiment)
         self._graph(experiment)
         self.merger = experiment.merger(layout)
@@ -132,9 +132,11 @@ class VectorizedEngine:
         for start in range(0, self.n, step):
             rows = torch.arange(start, min(start + step, self.n))
             own = self.x[rows]
-            received = self.x[self.neighbours[rows].to(self.device)]
+            received = self.x[self.neighbours[rows].to(self.device)].unbind(1)
             weights = self.neighbour_weights[rows]
-            self.clipped += int(self.guard(rows, own, received, weights).sum())
+            if self.guard is not None:
+                received, weights, flagged = self.guard(rows, own, received, weights)
+                self.clipped += int(flagged.sum())
             self.merger(own, received, weights, out=out[start:start + len(rows)])
 
     def pairs(self, run: list[Pair]) -> None:
@@ -143,16 +145,17 @@ class VectorizedEngine:
         v = torch.tensor([p.peer for p in run])
         weights = torch.full((len(run), 2), 0.5, dtype=torch.float64)
         x_u, x_v = self.x[u.to(self.device)], self.x[v.to(self.device)]
-        new_u = self._merge_pair(u, x_u, x_v.clone(), weights)
-        new_v = self._merge_pair(v, x_v, x_u.clone(), weights)
+        new_u = self._merge_pair(u, x_u, x_v, weights)
+        new_v = self._merge_pair(v, x_v, x_u, weights)
         self.x[u.to(self.device)] = new_u
         self.x[v.to(self.device)] = new_v
         self.bytes_sent += 2 * len(run) * self.layout.size * 4
 
     def _merge_pair(self, rows: torch.Tensor, own: torch.Tensor, other: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        received = other.unsqueeze(1)
+        received = [other]
         if self.guard is not None:
-            self.clipped += int(self.guard(rows, own, received, weights).sum())
+            received, weights, flagged = self.guard(rows, own, received, weights)
+            self.clipped += int(flagged.sum())
         out = self.merger(own, received, weights, out=torch.empty_like(own))
         self.rolled_back += keep_finite(out, own)
         return out
