@@ -45,7 +45,7 @@ def task(model: str, n: int, k: int, engine: str, device: str, topology: str = "
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration in this process: seconds per round after one warm-up round."""
     import torch
-    from gossipfl.transport.zmq import reuse_large_allocations
+    from gossipfl.allocation import reuse_large_allocations
     reuse_large_allocations()  # the same allocator policy for every path measured
     torch.set_num_threads(spec["threads"])
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

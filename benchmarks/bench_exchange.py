@@ -42,7 +42,8 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gossipfl.transport import wire  # noqa: E402
 from gossipfl.transport.base import Message  # noqa: E402
-from gossipfl.transport.zmq import ZmqTransport, reuse_large_allocations  # noqa: E402
+from gossipfl.allocation import reuse_large_allocations  # noqa: E402
+from gossipfl.transport.zmq import ZmqTransport  # noqa: E402
 
 VARIANTS = ("raw", "gossipfl", "pickle")
 WINDOW = 2                 # unacknowledged messages in flight

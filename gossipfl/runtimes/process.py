@@ -26,7 +26,8 @@ from ..experiment import Experiment
 from ..transport.keys import load_keys
 from ..algorithms.schedule import Broadcast
 from .node import Node
-from ..transport.zmq import ZmqTransport, reuse_large_allocations
+from ..allocation import reuse_large_allocations
+from ..transport.zmq import ZmqTransport
 
 log = logging.getLogger("gossipfl.node")
 

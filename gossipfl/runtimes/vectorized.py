@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..algorithms.merge import keep_finite
+from ..allocation import reuse_large_allocations
 from ..algorithms.schedule import Broadcast, Pair, RoundPlan, pair_batches
 from ..algorithms.train import LocalTraining, StackedBatch, StackedGradient, learning_rate, local_batches
 from ..experiment import Experiment
@@ -26,6 +27,7 @@ GATHER_BYTES = 256 << 20  # received rows gathered at once on the guarded path
 
 class VectorizedEngine:
     def __init__(self, experiment: Experiment, device: torch.device):
+        reuse_large_allocations()  # per-step N x d gradients and gathers would each fault in fresh pages
         cfg, n = experiment.cfg, experiment.n
         self.experiment, self.cfg, self.device, self.n = experiment, cfg, device, n
         template = experiment.build_model(0)

@@ -19,7 +19,6 @@ connection. Not thread-safe: one thread per transport, as ZeroMQ sockets require
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import time
@@ -37,24 +36,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, int, int]  # (kind, round, step)
 ZAP_DOMAIN = "gossipfl"
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 MAX_LOGGED = 1000  # distinct (peer, reason) pairs logged; a reconnecting attacker must not grow it forever
-
-
-def reuse_large_allocations(limit_bytes: int = 1 << 30) -> bool:
-    """Make glibc serve allocations up to `limit_bytes` (< 2 GiB) from its heap and keep up to as
-    much freed memory there.
-
-    By default every allocation above 32 MiB is a fresh mmap, so libzmq's buffer for each large
-    received frame costs one page fault per 4 KiB (measured: 11,000 faults and 15 to 25 ms of
-    CPU per 45 MB message). With this, each frame reuses pages already mapped. It is a
-    process-wide policy, so a node process (not this library) calls it once at start. Returns
-    False where the C library has no mallopt."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(M_TRIM_THRESHOLD, limit_bytes))
 
 
 class _ListedKeys:
