@@ -1,6 +1,6 @@
 import torch
 
-from gossipfl.algorithms.robust import WARMUP, DistanceGuard
+from gossipfl.algorithms.robust import WARMUP, DistanceGuard, FilterInput
 
 D = 1000
 
@@ -13,7 +13,8 @@ def honest(own, distance, seed):
 
 def call(guard, own, received):
     weights = torch.ones(1, len(received) + 1, dtype=torch.float64)
-    return guard(torch.zeros(1, dtype=torch.long), own, received, weights)
+    out = guard(FilterInput(torch.zeros(1, dtype=torch.long), own, received, weights))
+    return out.received, out.weights, out.suspicion > 0
 
 
 def test_a_huge_finite_vector_is_pulled_to_the_node_and_its_input_is_untouched():
@@ -60,15 +61,15 @@ def test_each_node_of_a_population_has_its_own_bound():
     rows = torch.arange(2)
     for seed in range(WARMUP):
         near = torch.cat([honest(own[:1], 0.01, seed), honest(own[1:], 1.0, seed)])
-        guard(rows, own, [near], torch.ones(2, 2, dtype=torch.float64))
+        guard(FilterInput(rows, own, [near], torch.ones(2, 2, dtype=torch.float64)))
     far = torch.cat([honest(own[:1], 0.5, 7), honest(own[1:], 0.5, 7)])
-    _, _, flagged = guard(rows, own, [far], torch.ones(2, 2, dtype=torch.float64))
-    assert flagged[:, 0].tolist() == [True, False]
+    suspicion = guard(FilterInput(rows, own, [far], torch.ones(2, 2, dtype=torch.float64))).suspicion
+    assert (suspicion[:, 0] > 0).tolist() == [True, False] and 0 < float(suspicion[0, 0]) < 1
 
 
 def test_missing_senders_are_neither_clipped_nor_recorded():
     guard = DistanceGuard(1)
     own = torch.randn(1, D)
     weights = torch.tensor([[0.5, 0.0]], dtype=torch.float64)
-    _, _, flagged = guard(torch.zeros(1, dtype=torch.long), own, [torch.full((1, D), 1e30)], weights)
-    assert not flagged.any() and int(guard.seen[0]) == 0
+    out = guard(FilterInput(torch.zeros(1, dtype=torch.long), own, [torch.full((1, D), 1e30)], weights))
+    assert not (out.suspicion > 0).any() and int(guard.seen[0]) == 0

@@ -1,11 +1,10 @@
 """Filters: what an honest node does with the vectors it received before it merges them.
 
-A filter sees B nodes at once: `rows` (B,) their indices in the filter's population (the node ids
-in the vectorized engine, [0] for a Node), own (B, d), received (K tensors of (B, d), as the merge
-rules take them) and weights (B, K + 1) with 0 for a missing sender. It returns what the merge
-should use instead, (received, weights), never writing into its inputs (a received vector may be
-shared by every recipient), and a (B, K) mask of the senders it acted on, which runtimes count
-per neighbour.
+A filter sees B nodes at once (a FilterInput) and says what the merge should use instead (a
+FilterOutput): changed received rows, changed weights, or one aggregate row that replaces them,
+never writing into its inputs (a received vector may be shared by every recipient). It also says
+how suspicious each sender looked, in [0, 1], which runtimes add up per neighbour to report who
+misbehaved. Filters chain: each one's output is the next one's input.
 
 `DistanceGuard` is the floor every runtime applies to untrusted input: a vector from a neighbour
 may move a node at most a bounded distance, learned from that node's recent honest traffic.
@@ -13,12 +12,37 @@ may move a node at most a bounded distance, learned from that node's recent hone
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 GUARD_MODES = ("auto", "on", "off")
 WARMUP = 4  # accepted distances a node must have seen before its learned bound is used
+
+
+@dataclass(frozen=True)
+class FilterInput:
+    """B nodes' view of one exchange. `rows` are the nodes' indices in the filter's population (the
+    node ids in the vectorized engine, [0] for a Node); `received` holds K tensors of (B, d), one per
+    sender slot, as the merge rules take them; `weights` (B, K + 1) are the mixing weights of the
+    node itself (column 0) and each sender, 0 for a sender that did not arrive (its row is finite
+    but meaningless)."""
+    rows: torch.Tensor
+    own: torch.Tensor
+    received: Sequence[torch.Tensor]
+    weights: torch.Tensor
+    round: int = 0
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class FilterOutput:
+    """What to merge instead: `received` (K' tensors of (B, d)) with `weights` (B, K' + 1), and a
+    (B, K) suspicion per original sender slot: 0 = taken as sent, 1 = discarded entirely."""
+    received: Sequence[torch.Tensor]
+    weights: torch.Tensor
+    suspicion: torch.Tensor
 
 
 class DistanceGuard:
@@ -43,14 +67,15 @@ class DistanceGuard:
         floor = 1e-6 * own_norm  # a node whose neighbours were once identical must not lock at 0
         return torch.where(ready, torch.minimum(learned, cap), cap).clamp_min(floor)
 
-    def __call__(self, rows: torch.Tensor, own: torch.Tensor, received: Sequence[torch.Tensor],
-                 weights: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: FilterInput) -> FilterOutput:
+        rows, own, received, weights = batch.rows, batch.own, batch.received, batch.weights
         distance = torch.empty(own.shape[0], len(received), dtype=torch.float64)
         for j, x in enumerate(received):
             distance[:, j] = torch.linalg.vector_norm(x - own, dim=1).double()
         bound = self.bound(rows, torch.linalg.vector_norm(own, dim=1).double())
         present = weights[:, 1:] > 0
         clipped = present & ~(distance <= bound[:, None])  # an overflowed (inf) distance is clipped too
+        suspicion = torch.where(clipped, 1.0 - (bound[:, None] / distance).nan_to_num(0.0), 0.0)
         out = list(received)
         for j in clipped.any(dim=0).nonzero().flatten().tolist():
             out[j] = out[j].clone()  # copy on write
@@ -61,7 +86,7 @@ class DistanceGuard:
                 if not bool(torch.isfinite(x).all()):
                     x.copy_(own[r])
         self._record(rows, torch.minimum(distance, bound[:, None]), present)
-        return out, weights, clipped
+        return FilterOutput(out, weights, suspicion)
 
     def _record(self, rows: torch.Tensor, distance: torch.Tensor, present: torch.Tensor) -> None:
         window = self.history.shape[1]

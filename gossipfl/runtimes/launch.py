@@ -129,7 +129,7 @@ def aggregate(rows: list[dict[str, Any]], started: float) -> dict[str, Any]:
             rejected[reason] = rejected.get(reason, 0) + count
     record = {"round": rows[0]["round"], "train_loss": float(np.mean([r["train_loss"] for r in rows])),
               "bytes_sent": sum(r["bytes_sent"] for r in rows), "missing": sum(r["missing"] for r in rows),
-              "rejected": rejected, "clipped": sum(sum(r["clipped"].values()) for r in rows),
+              "rejected": rejected, "flagged": sum(sum(r["flagged"].values()) for r in rows),
               "rolled_back": sum(r["rolled_back"] for r in rows),
               "round_seconds": max(r["round_seconds"] for r in rows),
               "train_seconds": max(r["train_seconds"] for r in rows), "wall_seconds": time.perf_counter() - started}

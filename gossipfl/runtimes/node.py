@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..algorithms.merge import Merger, keep_finite
-from ..algorithms.robust import DistanceGuard
+from ..algorithms.robust import DistanceGuard, FilterInput
 from ..algorithms.train import LocalTraining
 from ..params import FlatModel
 from ..transport import Message, Transport
@@ -35,12 +35,19 @@ class RoundStats:
 
 @dataclass
 class NodeCounters:
-    """What a node did to protect itself, per neighbour where it is about one."""
-    clipped: Counter[int] = field(default_factory=Counter)  # received vectors the guard pulled in, by sender
+    """What a node did to protect itself: per neighbour, how many of its vectors were filtered at
+    all (`flagged`) and their summed suspicion; and undone non-finite results."""
+    flagged: Counter[int] = field(default_factory=Counter)
+    suspicion: Counter[int] = field(default_factory=Counter)
     rolled_back: int = 0  # merges or training rounds whose non-finite result was undone
 
+    def record(self, senders: list[int], suspicion: torch.Tensor) -> None:
+        for sender, s in zip(senders, suspicion.tolist()):
+            self.flagged[sender] += s > 0
+            self.suspicion[sender] += s
+
     def as_dict(self) -> dict[str, object]:
-        return {"clipped": {str(k): v for k, v in sorted(self.clipped.items())}, "rolled_back": self.rolled_back}
+        return {"flagged": {str(k): v for k, v in sorted(self.flagged.items())}, "rolled_back": self.rolled_back}
 
 
 class Node:
@@ -96,9 +103,9 @@ class Node:
         received = [m.vector.view(1, -1) for m in messages]
         w = torch.tensor([[self.self_weight if self_weight is None else self_weight, *weights]], dtype=torch.float64)
         if self.guard is not None:
-            received, w, flagged = self.guard(SELF, own, received, w)
-            for message, hit in zip(messages, flagged[0].tolist()):
-                self.counters.clipped[message.sender] += hit
+            out = self.guard(FilterInput(SELF, own, received, w))
+            received, w = out.received, out.weights
+            self.counters.record([m.sender for m in messages], out.suspicion[0])
         self.merger(own, received, w, out=self._merged)
         self.counters.rolled_back += keep_finite(self._merged, own)
         own.copy_(self._merged)

@@ -66,7 +66,7 @@ class NodeEngine:
             for reason, count in node.transport.rejected.items():
                 rejected[reason] = rejected.get(reason, 0) + count
         return {"bytes_sent": sum(node.transport.bytes_sent for node in self.nodes), "rejected": rejected,
-                "clipped": sum(sum(node.counters.clipped.values()) for node in self.nodes),
+                "flagged": sum(sum(node.counters.flagged.values()) for node in self.nodes),
                 "rolled_back": sum(node.counters.rolled_back for node in self.nodes)}
 
 

@@ -18,6 +18,7 @@ import torch
 
 from ..algorithms.merge import keep_finite
 from ..allocation import reuse_large_allocations
+from ..algorithms.robust import FilterInput
 from ..algorithms.schedule import Broadcast, Pair, RoundPlan, pair_batches
 from ..algorithms.train import LocalTraining, StackedBatch, StackedGradient, learning_rate, local_batches
 from ..experiment import Experiment
@@ -46,7 +47,7 @@ class VectorizedEngine:
         self._graph(experiment)
         self.merger = experiment.merger(layout)
         self.guard = experiment.guard(n) if experiment.guarded(network=False) else None
-        self.bytes_sent = self.clipped = self.rolled_back = 0
+        self.bytes_sent = self.flagged = self.rolled_back = 0
 
     def _data(self, experiment: Experiment) -> None:
         ds = experiment.dataset
@@ -137,8 +138,9 @@ class VectorizedEngine:
             received = self.x[self.neighbours[rows].to(self.device)].unbind(1)
             weights = self.neighbour_weights[rows]
             if self.guard is not None:
-                received, weights, flagged = self.guard(rows, own, received, weights)
-                self.clipped += int(flagged.sum())
+                filtered = self.guard(FilterInput(rows, own, received, weights))
+                received, weights = filtered.received, filtered.weights
+                self.flagged += int((filtered.suspicion > 0).sum())
             self.merger(own, received, weights, out=out[start:start + len(rows)])
 
     def pairs(self, run: list[Pair]) -> None:
@@ -156,8 +158,9 @@ class VectorizedEngine:
     def _merge_pair(self, rows: torch.Tensor, own: torch.Tensor, other: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         received = [other]
         if self.guard is not None:
-            received, weights, flagged = self.guard(rows, own, received, weights)
-            self.clipped += int(flagged.sum())
+            filtered = self.guard(FilterInput(rows, own, received, weights))
+            received, weights = filtered.received, filtered.weights
+            self.flagged += int((filtered.suspicion > 0).sum())
         out = self.merger(own, received, weights, out=torch.empty_like(own))
         self.rolled_back += keep_finite(out, own)
         return out
@@ -173,6 +176,6 @@ class VectorizedEngine:
         return self.x
 
     def counters(self) -> dict[str, Any]:
-        return {"bytes_sent": self.bytes_sent, "rejected": {}, "clipped": self.clipped,
+        return {"bytes_sent": self.bytes_sent, "rejected": {}, "flagged": self.flagged,
                 "rolled_back": self.rolled_back}
 
