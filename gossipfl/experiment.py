@@ -17,7 +17,7 @@ import torch
 
 from . import data, models
 from .graph import mixing, poisson, sdp, topology, weights
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 from .algorithms.merge import Merger
 from .runtimes.node import Node
 from .params import FlatModel
@@ -47,7 +47,13 @@ class Experiment:
         """The mixing matrix: loaded from gossip.weights_file, else computed (solved once per run)."""
         g = self.cfg.gossip
         if g.weights_file:
-            return weights.from_json(json.loads(Path(g.weights_file).read_text()), self.graph)
+            graph = self.graph
+            try:
+                return weights.from_json(json.loads(Path(g.weights_file).read_text()), graph)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"gossip.weights_file = {g.weights_file!r} is not JSON ({exc})") from None
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"gossip.weights_file = {g.weights_file!r}: {exc}") from None
         result = weights.solve_weights(self.graph, g.weights)
         mixing.check(result.matrix, self.graph, doubly_stochastic=result.method != "uniform_neighbourhood")
         return result
