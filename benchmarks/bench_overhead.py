@@ -17,9 +17,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import table, variant, write
+from common import write
 
 from gossipfl import config
+from gossipfl.report import markdown_table
 from gossipfl.runtimes.sim import Simulation
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--rho", type=float, default=0.0)
     args = parser.parse_args()
-    cfg = variant(config.quickstart(), {"rounds": args.rounds, "train.rho": args.rho})
+    cfg = config.derive(config.quickstart(), {"rounds": args.rounds, "train.rho": args.rho})
     torch.set_num_threads(1)
     sim = Simulation(cfg, progress=False)
     rows = []
@@ -89,7 +90,7 @@ def main() -> None:
     }
     if "naive_train_s" in median:
         summary["train_speedup_vs_naive"] = median["naive_train_s"] / median["train_s"]
-    print(table(rows + [median], ["round", *keys]))
+    print(markdown_table(rows + [median], ["round", *keys]))
     print(summary)
     print("wrote", write("overhead", {"args": vars(args), "nodes": sim.experiment.n,
                                       "params": sim.nodes[0].vector.numel(), "rounds": rows, "median": median,
