@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -371,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gossipfl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (gossipfl runs | head): stop quietly, as the docs advise
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        return 1
 
 
 if __name__ == "__main__":
