@@ -31,7 +31,7 @@ from . import config
 from .config import ConfigError, ExperimentConfig
 from .report import markdown_table
 from .rundir import read_status, read_summary
-from .runtimes import single_thread_env
+from .runtimes import single_thread_env, stop_all
 
 SWEEP_KEYS = ("seeds", "grid", "jobs")
 BASE_FILE, PLAN_FILE = "base.toml", "sweep.json"  # plots.SWEEP_FILE reads the plan
@@ -305,8 +305,8 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepResult:
                     + (f"  accuracy {accuracy:.4f}" if accuracy is not None else f"  (exit {proc.returncode}; "
                        f"log {run.log})") + f"  {time.time() - started:.0f} s")
             time.sleep(POLL_S)
-    finally:
-        stop(active)
+    finally:  # Ctrl-C or an error here: SIGINT lets the runs still going record themselves as interrupted
+        stop_all(active, grace=10.0, sig=signal.SIGINT)
     result = SweepResult(spec, runs)
     result.files = write_results(result)
     return result
@@ -317,21 +317,6 @@ def settle(run: RunOutcome, returncode: int) -> None:
     run.status = "complete" if returncode == 0 and status == "complete" else \
         "interrupted" if status == "interrupted" else "failed"
     run.summary = read_summary(run.dir) if run.status == "complete" else None
-
-
-def stop(active: Mapping[subprocess.Popen, Any], grace_s: float = 10.0) -> None:
-    """Ctrl-C or an error here: ask the runs still going to stop (SIGINT: they record themselves
-    as interrupted), then kill what has not stopped after grace_s."""
-    for proc in active:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + grace_s
-    for proc in active:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def write_results(result: SweepResult) -> dict[str, str]:

@@ -135,4 +135,3 @@ def test_launch_with_curve_keys_runs_encrypted_and_authenticated(small_config, t
     assert summary["rounds"] == 2
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(line["missing"] == 0 and line["rejected"] == {} for line in lines)
-    assert "round 2 done: loss" in (node_dir(tmp_path / "launch", 3) / "node.log").read_text()  # per-round INFO

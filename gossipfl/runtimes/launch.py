@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..experiment import Experiment, write_weights
 from ..metrics import accuracy, consensus_distance
 from ..rundir import RunWriter, new_run_dir
-from . import single_thread_env
+from . import single_thread_env, stop_all
 from .process import node_dir
 
 
@@ -68,20 +68,6 @@ def start_node(config_path: Path, run_dir: Path, node_id: int, resume: bool = Fa
     log = (out / "node.log").open("ab")
     return subprocess.Popen(node_command(config_path, node_id, resume), stdout=log, stderr=subprocess.STDOUT,
                             env=single_thread_env(), start_new_session=True)
-
-
-def stop_all(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
-    """SIGTERM every live node, then SIGKILL what is still running after `grace` seconds."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def log_tail(run_dir: Path, node_id: int, lines: int = 15) -> str:
