@@ -24,6 +24,7 @@ LAUNCH_QUICKSTART_NODES = 8  # one process per node: 8 fit a 2-core machine comf
 IMAGE_FORMATS = ("png", "pdf", "svg")
 DEFAULT_COMPARE = ("metropolis", "max_degree", "best_constant", "fmmc", "fdla")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_RUNS = "runs"  # the config's default `output`
 
 
 class UsageError(UserError):
@@ -213,10 +214,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from .report import markdown_table
     from .rundir import describe_run, find_runs
-    root = Path(args.dir)
-    if not root.is_dir():
+    root = Path(args.dir or DEFAULT_RUNS)
+    if args.dir and not root.is_dir():
         raise UsageError(f"{root}: no such folder")
-    runs = [describe_run(path, root) for path in find_runs(root)]
+    runs = [describe_run(path, root) for path in find_runs(root)] if root.is_dir() else []
     rows = [{"run": r["name"], "started": r["started"].replace("T", " ")[:16], "status": r["status"],
              "settings": settings_text(r["settings"]), "rounds": f"{r['rounds_done']}/{r['rounds']}",
              "final accuracy": r["final_accuracy"]} for r in runs]
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list run folders with status, settings and final accuracy",
                           description="List the run folders under DIR (sweeps included): name, start, status "
                                       "(running, complete, failed, interrupted), key settings, final accuracy.")
-    runs.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="folder to search (default: runs)")
+    runs.add_argument("dir", nargs="?", metavar="DIR", help=f"folder to search (default: {DEFAULT_RUNS})")
     runs.add_argument("--json", action="store_true", help="print the listing as one JSON document on stdout")
     runs.set_defaults(func=cmd_runs)
 
