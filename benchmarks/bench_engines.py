@@ -23,7 +23,9 @@ import sys
 import time
 from typing import Any
 
-from common import table, write
+from common import write
+
+from gossipfl.report import markdown_table as table
 
 N_PLAIN_LOOP = 100
 

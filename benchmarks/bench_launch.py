@@ -16,9 +16,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import simulate, table, variant, write
+from common import simulate, write
 
 from gossipfl import config
+from gossipfl.report import markdown_table
 from gossipfl.runtimes.launch import launch
 from gossipfl.rundir import read_metrics
 
@@ -51,9 +52,9 @@ def main() -> None:
             "eval.every": args.rounds}  # evaluate once, at the end: rounds time gossip, not evaluation
     models = {"mlp": {}, "cnn": {"model.name": "cnn"}}
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [measure(name, variant(config.quickstart(), {**base, **extra}), Path(workdir))
+        rows = [measure(name, config.derive(config.quickstart(), {**base, **extra}), Path(workdir))
                 for name, extra in models.items()]
-    print(table(rows, list(rows[0])))
+    print(markdown_table(rows, list(rows[0])))
     print("wrote", write("launch", {"args": vars(args), "results": rows}))
 
 

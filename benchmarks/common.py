@@ -1,4 +1,7 @@
-"""Helpers shared by the benchmark scripts: run a config variant, print a table, write JSON."""
+"""Helpers shared by the benchmark scripts: run one config in this process, write JSON.
+
+Variants of a config come from gossipfl.config.derive, loops over variants from gossipfl.sweep and
+tables from gossipfl.report.markdown_table."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -16,32 +19,10 @@ from gossipfl.rundir import read_metrics
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def variant(base: config.ExperimentConfig, overrides: dict[str, Any]) -> config.ExperimentConfig:
-    """`base` with dotted-key overrides, validated."""
-    data = base.to_dict()
-    for key, value in overrides.items():
-        *sections, field = key.split(".")
-        table = data
-        for s in sections:
-            table = table[s]
-        table[field] = value
-    return config.from_dict(data)
-
-
 def simulate(cfg: config.ExperimentConfig, run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from gossipfl.runtimes.sim import Simulation
     summary = Simulation(cfg, run_dir=run_dir, progress=False).run()
     return summary, read_metrics(run_dir)
-
-
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    def cell(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-    widths = [max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)),
-             "-|-".join("-" * w for w in widths)]
-    lines += [" | ".join(cell(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)) for r in rows]
-    return "\n".join(lines)
 
 
 def write(name: str, payload: dict[str, Any]) -> Path:

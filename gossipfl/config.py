@@ -7,14 +7,17 @@ user can fix a config without reading code.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, Mapping, Sequence, get_args, get_type_hints
 
 import tomli_w
+
+from .errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,7 +29,7 @@ ENGINES = ("auto", "nodes", "vectorized")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot be used; the message names the field."""
 
 
@@ -84,8 +87,8 @@ class TopologyConfig:
         from .graph.topology import KINDS
         if not self.file:
             _choice("topology.kind", self.kind, KINDS)
-        if self.nodes < 1:
-            raise ConfigError(f"topology.nodes = {self.nodes} must be >= 1")
+        if self.nodes < 2:
+            raise ConfigError(f"topology.nodes = {self.nodes} must be >= 2: gossip needs two or more nodes")
         _in_range("topology.p", self.p, 0.0, 1.0)
         _positive("topology.radius", self.radius)
 
@@ -291,8 +294,71 @@ def _coerce(name: str, value: Any, default: Any, kind: Any) -> Any:
     return value
 
 
+SWEEP_TABLE = "sweep"  # read by `gossipfl sweep` (gossipfl/sweep.py) and removed before validation
+
+
 def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    if isinstance(data, dict) and SWEEP_TABLE in data:
+        raise ConfigError(f"[{SWEEP_TABLE}] is read by `gossipfl sweep` only: run this file with "
+                          f"`gossipfl sweep`, or remove the table to run one experiment")
     return _build(ExperimentConfig, data, "").validate()
+
+
+def parse_value(raw: str) -> Any:
+    """A command-line value read as TOML (numbers, booleans, lists, quoted strings), else as text."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def parse_override(text: str, option: str = "--set") -> tuple[str, Any]:
+    """`section.key=value` -> ("section.key", value); the one parser of --set (and of --grid keys)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or "" in key.split("."):
+        raise ConfigError(f"{option} {text!r}: expected section.key=value")
+    return key, parse_value(raw)
+
+
+def override_text(key: str, value: Any) -> str:
+    """The inverse of parse_override: JSON literals of the field types here are valid TOML."""
+    return f"{key}={json.dumps(value)}"
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys ("train.rho") in a config dict, in place; validation happens in from_dict."""
+    for key, value in overrides.items():
+        *sections, name = key.split(".")
+        table = data
+        for depth, section in enumerate(sections):
+            table = table.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{key}: {'.'.join(sections[:depth + 1])} is not a section")
+        table[name] = value
+    return data
+
+
+def flat_fields(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys: {"gossip": {"steps": 4}} -> {"gossip.steps": 4}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(flat_fields(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def derive(cfg: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:
+    """`cfg` with dotted-key overrides ({"train.rho": 0.0}), validated."""
+    return from_dict(apply_overrides(cfg.to_dict(), overrides))
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """A config file (or the quickstart when `path` is None) with `--set` texts applied, validated."""
+    data = read_toml(path) if path else quickstart().to_dict()
+    return from_dict(apply_overrides(data, dict(parse_override(text) for text in overrides)))
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
+
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -24,7 +26,7 @@ IDX_FILES = {
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset that cannot be found or read; the message says how to get it."""
 
 
@@ -69,9 +71,24 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
+def named_dir(path: str = "") -> tuple[str, str] | None:
+    """(where it was named, the directory) for data.path, else $GOSSIPFL_DATA; None if neither is set."""
+    for source, value in (("data.path", path), ("GOSSIPFL_DATA", os.environ.get("GOSSIPFL_DATA", ""))):
+        if value:
+            return source, value
+    return None
+
+
 def data_dir(path: str = "") -> Path:
-    """The IDX directory: explicit path, else $GOSSIPFL_DATA, else Debian's Fashion-MNIST path."""
-    return Path(path or os.environ.get("GOSSIPFL_DATA") or DEBIAN_FASHION_MNIST)
+    """The IDX directory: data.path, else $GOSSIPFL_DATA, else Debian's Fashion-MNIST path. A
+    directory that was named but does not exist is an error, never a quiet switch to digits."""
+    named = named_dir(path)
+    if named is None:
+        return Path(DEBIAN_FASHION_MNIST)
+    source, value = named
+    if not Path(value).is_dir():
+        raise DatasetError(f"{source} = {value!r} is not a directory")
+    return Path(value)
 
 
 def _find(directory: Path, stem: str) -> Path:
@@ -139,10 +156,21 @@ def fashion_mnist_available(path: str = "") -> bool:
 
 
 def resolve_name(name: str, path: str = "") -> str:
-    """Turn "auto" into fashion-mnist when its IDX files are present, else digits."""
+    """Turn "auto" into fashion-mnist when a data folder is named or Debian's is installed, else digits."""
     if name != "auto":
         return name
-    return "fashion-mnist" if fashion_mnist_available(path) else "digits"
+    return "fashion-mnist" if named_dir(path) or fashion_mnist_available() else "digits"
+
+
+def check_mnist_source(path: str = "") -> None:
+    """MNIST has no built-in location: it must be named, and not be Fashion-MNIST's folder."""
+    named = named_dir(path)
+    if named is None:
+        raise DatasetError('data.dataset = "mnist" needs data.path (or GOSSIPFL_DATA) naming a folder of '
+                           "MNIST's IDX files; there is no default MNIST location")
+    if data_dir(path).resolve() == Path(DEBIAN_FASHION_MNIST).resolve():
+        raise DatasetError(f'data.dataset = "mnist" but {named[0]} = {named[1]!r} holds Fashion-MNIST; '
+                           f'use data.dataset = "fashion-mnist", or name a folder of MNIST files')
 
 
 DATASETS = ("auto", "fashion-mnist", "mnist", "digits", "synthetic")
@@ -150,6 +178,8 @@ DATASETS = ("auto", "fashion-mnist", "mnist", "digits", "synthetic")
 
 def load(name: str, path: str = "", *, seed: int = 0, synthetic: tuple[int, int, int] = (4000, 20, 4)) -> Dataset:
     name = resolve_name(name, path)
+    if name == "mnist":
+        check_mnist_source(path)
     if name in ("fashion-mnist", "mnist"):
         return load_idx_dataset(name, path)
     if name == "digits":

@@ -22,7 +22,7 @@ from .algorithms.merge import Merger
 from .algorithms.robust import DistanceGuard
 from .algorithms.schedule import RoundPlan
 from .algorithms.train import LocalTraining, learning_rate, local_batches, module_gradient
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 from .graph import mixing, sdp, topology, weights
 from .metrics import Evaluator
 from .params import FlatModel, Layout, StackedModule
@@ -52,7 +52,13 @@ class Experiment:
         """The mixing matrix: loaded from gossip.weights_file, else computed (solved once per run)."""
         g = self.cfg.gossip
         if g.weights_file:
-            return weights.from_json(json.loads(Path(g.weights_file).read_text()), self.graph)
+            graph = self.graph
+            try:
+                return weights.from_json(json.loads(Path(g.weights_file).read_text()), graph)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"gossip.weights_file = {g.weights_file!r} is not JSON ({exc})") from None
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"gossip.weights_file = {g.weights_file!r}: {exc}") from None
         result = weights.solve_weights(self.graph, g.weights)
         mixing.check(result.matrix, self.graph, doubly_stochastic=result.method != "uniform_neighbourhood")
         return result

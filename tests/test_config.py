@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
     ({"gossip": {"stepz": 2}}, "unknown field gossip.stepz"),
     ({"extra": {"a": 1}}, "unknown field extra"),
     ({"train": 3}, "train must be a table"),
+    ({"topology": {"nodes": 1}}, "topology.nodes = 1 must be >= 2: gossip needs two or more nodes"),
+    ({"sweep": {"seeds": 2}}, "[sweep] is read by `gossipfl sweep` only"),
 ])
 def test_bad_config_fails_with_a_message_naming_the_field(data, message):
     with pytest.raises(ConfigError) as info:
@@ -45,8 +47,12 @@ def test_quickstart_ships_in_the_package_and_in_simulations():
 
 
 def test_every_shipped_simulation_is_valid():
+    from gossipfl import sweep
     for path in sorted((ROOT / "simulations").glob("*.toml")):
-        config.load(path)
+        if config.SWEEP_TABLE in config.read_toml(path):
+            assert len(sweep.from_command_line(str(path), []).variants) > 1  # every combination validated
+        else:
+            config.load(path)
 
 
 def test_invalid_toml_and_missing_file(tmp_path):
@@ -55,3 +61,28 @@ def test_invalid_toml_and_missing_file(tmp_path):
         config.load(tmp_path / "bad.toml")
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "nope.toml")
+
+
+def test_set_overrides_are_read_as_toml_and_applied_by_dotted_key(tmp_path):
+    assert config.parse_override("model.hidden=[64, 64]") == ("model.hidden", [64, 64])
+    assert config.parse_override("data.dataset=digits") == ("data.dataset", "digits")  # a bare word is text
+    assert config.parse_override("train.rho=0") == ("train.rho", 0)
+    for bad in ("novalue", "=3", "train..rho=1"):
+        with pytest.raises(ConfigError, match="expected section.key=value"):
+            config.parse_override(bad)
+    path = tmp_path / "c.toml"
+    path.write_text("rounds = 3\n[train]\nrho = 0.1\n")
+    cfg = config.load_config(path, ["train.rho=0", "gossip.steps=2"])
+    assert (cfg.rounds, cfg.train.rho, cfg.gossip.steps) == (3, 0.0, 2)
+    assert config.load_config(None, ["rounds=5"]).rounds == 5  # the quickstart
+    with pytest.raises(ConfigError, match="train.rho.x: train.rho is not a section"):
+        config.load_config(path, ["train.rho.x=1"])
+    assert config.derive(cfg, {"train.lr": 0.5}).train.lr == 0.5 and cfg.train.lr != 0.5
+
+
+def test_choices_come_from_the_modules_that_implement_them():
+    from gossipfl.cli import WEIGHT_SCHEMES
+    from gossipfl.graph import weights
+    assert tuple(WEIGHT_SCHEMES) == tuple(weights.METHODS)
+    with pytest.raises(config.ConfigError, match="fmmc_first_order"):  # the message lists the table
+        config.from_dict({"gossip": {"weights": "fastest"}})

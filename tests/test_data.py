@@ -87,8 +87,9 @@ def test_bad_idx_and_missing_dataset_explain_themselves(tmp_path, monkeypatch):
     empty.mkdir()
     with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
         data.load("mnist", str(empty))
-    monkeypatch.setenv("GOSSIPFL_DATA", str(empty))
-    assert data.resolve_name("auto") == "digits"
+    monkeypatch.setenv("GOSSIPFL_DATA", str(empty))  # a named folder is used, not swapped for digits
+    with pytest.raises(DatasetError, match="no t.*-idx.-ubyte.* in .*empty"):
+        data.load("auto")
 
 
 def test_digits_and_synthetic_are_offline_and_seeded():

@@ -37,6 +37,7 @@ def test_launch_matches_the_in_process_engine(small_config, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "launch" / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert all(line["missing"] == 0 and line["rejected"] == {} for line in lines)
+    assert "round 2 done: loss" in (node_dir(tmp_path / "launch", 3) / "node.log").read_text()  # per-round INFO
     sim = Simulation(cfg, run_dir=tmp_path / "sim", progress=False)
     sim_summary = sim.run()
     for i, vector in enumerate(sim.vectors()):
@@ -56,7 +57,8 @@ def test_a_node_that_cannot_start_fails_the_launch_and_stops_the_rest(small_conf
         cfg = small_config(topology__nodes=3, rounds=50, deploy__addresses=[free[0], taken, free[2]],
                            deploy__startup_s=60.0)
         start = time.monotonic()
-        with pytest.raises(LaunchError, match="node 1 exited with code"):
+        with pytest.raises(LaunchError, match=r"(?s)node 1 exited with code 2.*deploy.addresses\[1\] = "
+                                              rf"'{taken}': cannot listen there"):
             launch(cfg, tmp_path / "run", progress=False)
         assert time.monotonic() - start < 60
     finally:

@@ -215,3 +215,22 @@ def test_tampered_or_foreign_matrices_are_refused_on_load():
         weights.from_json(stored, nx.path_graph(6))
     with pytest.raises(ValueError, match="shape"):
         weights.from_json({**stored, "n": 5})
+
+
+@pytest.mark.parametrize("graph, program, cost", [
+    (topology.build("ring", 3000), sdp.fmmc, "about 5.8 GB on 2 cores"),              # memory, before building
+    (topology.build("ring", 3000), sdp.optimal_rates, "about 5.8 GB"),
+    (topology.build("random_regular", 300, degree=4), sdp.fdla, "and 18 min with SCS"),  # SCS time, cubic in n
+])
+def test_an_sdp_too_large_is_refused_up_front_with_its_cost_and_the_alternative(graph, program, cost, monkeypatch):
+    monkeypatch.setattr(sdp, "_solve", lambda *a: pytest.fail("a refused program must not be solved"))
+    with pytest.raises(sdp.ProgramTooLarge) as info:
+        program(graph)
+    assert cost in str(info.value)
+    assert ("fmmc_first_order" if program is not sdp.optimal_rates else 'gossip.rates = "uniform"') in str(info.value)
+
+
+def test_the_size_limit_leaves_the_sdp_where_it_is_quick():
+    sdp.check_program_size(1024, "fmmc", "-", "CLARABEL")  # rings of 1024: 21 s measured
+    sdp.check_program_size(128, "fmmc", "-", "SCS")
+    assert "fmmc_first_order" in weights.METHODS  # the alternative the refusal points at exists

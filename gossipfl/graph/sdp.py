@@ -26,6 +26,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 from scipy.sparse.linalg import splu
 
+from ..errors import UserError
 from . import mixing, topology
 from .mixing import edge_array
 
@@ -43,6 +44,20 @@ SOLVER_OPTIONS: dict[str, dict[str, Any]] = {"SCS": {"eps_abs": 1e-4, "eps_rel":
 # left violations of 1.4e-4 on a 64-node graph), below it is rounded onto the feasible set.
 FEASIBILITY_TOL = 1e-3
 ROUNDING_TOL = 1e-12  # a self-weight of 1 - (sum of weights) may land at -2e-16
+
+# The cost of a program grows with d = n - 1, the size of its matrix inequalities (FMMC and FDLA
+# have two, the rates program one). Measured on 2 shared cores: Clarabel on rings, d = 1023: 21 s,
+# 0.48 GB peak; d = 2999: past 100 s and 5.9 GB (CVXPY's canonicalisation alone: 16 s, 2.2 GB;
+# d = 2047: 6.8 s, 1.1 GB). SCS (wide cliques), random 4-regular graphs: d = 63: 15 s; d = 127:
+# 60 to over 180 s. Programs estimated past either limit are refused before anything is built.
+BYTES_PER_D2 = 650
+CLARABEL_SECONDS_PER_D2 = 2e-5
+SCS_SECONDS_PER_D3 = 4e-5
+MAX_PROGRAM_BYTES = 4e9
+MAX_PROGRAM_SECONDS = 600.0
+FIRST_ORDER_HINT = ('"fmmc_first_order" (FMMC without an SDP, within about 1e-4 of its SLEM): '
+                    'gossip.weights = "fmmc_first_order", or gossipfl topology --weights fmmc_first_order')
+RATES_HINT = 'uniform rates (gossip.rates = "uniform", or gossipfl topology --rates uniform)'
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,25 @@ class RatesResult:
     solver: str
     status: str
     seconds: float
+
+
+class ProgramTooLarge(UserError, ValueError):
+    """An SDP estimated to need more memory or time than MAX_PROGRAM_BYTES or MAX_PROGRAM_SECONDS."""
+
+
+def check_program_size(n: int, method: str, alternative: str, solver: str | None = None) -> None:
+    """Refuse, with the estimated cost, an SDP on n nodes that would run for many minutes or
+    exhaust memory; `solver` None checks memory only (before the program is built)."""
+    d = n - 1
+    gigabytes = BYTES_PER_D2 * d * d / 1e9
+    seconds = 0.0 if solver is None else (CLARABEL_SECONDS_PER_D2 * d * d if solver == "CLARABEL"
+                                          else SCS_SECONDS_PER_D3 * d ** 3)
+    if gigabytes * 1e9 > MAX_PROGRAM_BYTES or seconds > MAX_PROGRAM_SECONDS:
+        cost = f"about {gigabytes:.1f} GB" + (f" and {seconds / 60:.0f} min with {solver}" if solver else "")
+        raise ProgramTooLarge(
+            f"{method} on {n} nodes is too large for an SDP: its {d}x{d} matrix inequalities need {cost} "
+            f"on 2 cores (limits: {MAX_PROGRAM_BYTES / 1e9:.0f} GB, {MAX_PROGRAM_SECONDS / 60:.0f} min); "
+            f"use {alternative}")
 
 
 class _Rejected(Exception):
@@ -224,13 +258,15 @@ def fdla(graph: nx.Graph, solver: str | None = None) -> SolveResult:
 
 def _fastest_mixing(graph: nx.Graph, method: str, nonnegative: bool, solver: str | None) -> SolveResult:
     """Minimise s subject to -s I <= V^T (W - 11^T/n) V <= s I, i.e. SLEM(W) <= s, over edge weights."""
-    import cvxpy as cp
     start = time.perf_counter()
     n = topology.validate(graph).number_of_nodes()
     if n == 1:
         return SolveResult(np.eye(1), method, "closed-form", "optimal", time.perf_counter() - start, 0.0)
+    check_program_size(n, method, FIRST_ORDER_HINT)
+    import cvxpy as cp
     program = _EdgeProgram.of(graph)
     solver = program.solver(solver)
+    check_program_size(n, method, FIRST_ORDER_HINT, solver)
     weights, bound = cp.Variable(len(program.edges)), cp.Variable()
     deviation = np.eye(n - 1) - program.projected_laplacian(weights)
     constraints = [deviation << bound * np.eye(n - 1), deviation >> -bound * np.eye(n - 1)]
@@ -286,11 +322,13 @@ def optimal_rates(graph: nx.Graph, budget: float = 1.0, solver: str | None = Non
     Written as V^T L(r) V >= t I on 1-perp; falls back to uniform rates (with a warning) when the
     solver fails or its answer does not check out.
     """
-    import cvxpy as cp
     start = time.perf_counter()
     n = _rates_graph(graph, budget)
+    check_program_size(n, "optimal rates", RATES_HINT)
+    import cvxpy as cp
     program = _EdgeProgram.of(graph)
     solver = program.solver(solver)
+    check_program_size(n, "optimal rates", RATES_HINT, solver)
     rates, floor = cp.Variable(len(program.edges)), cp.Variable()
     problem = cp.Problem(cp.Maximize(floor), [program.projected_laplacian(rates) >> floor * np.eye(n - 1),
                                               rates >= 0, cp.sum(rates) == budget])

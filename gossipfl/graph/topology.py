@@ -12,8 +12,10 @@ from typing import Callable
 
 import networkx as nx
 
+from ..errors import UserError
 
-class TopologyError(ValueError):
+
+class TopologyError(UserError, ValueError):
     """A graph that cannot be used for gossip (disconnected, self-loops, bad ids, bad file)."""
 
 

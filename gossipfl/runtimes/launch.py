@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -23,13 +22,15 @@ import torch
 from tqdm import tqdm
 
 from ..config import ExperimentConfig
+from ..errors import UserError
 from ..experiment import Experiment, write_weights
 from ..metrics import consensus_distance
 from ..rundir import RunWriter, new_run_dir
+from . import single_thread_env, stop_all
 from .process import node_dir
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """A node process failed; the message carries the tail of its log."""
 
 
@@ -61,30 +62,12 @@ def node_command(config_path: Path, node_id: int, resume: bool = False) -> list[
             *(["--resume"] if resume else [])]
 
 
-def node_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def start_node(config_path: Path, run_dir: Path, node_id: int, resume: bool = False) -> subprocess.Popen:
     out = node_dir(run_dir, node_id)
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "node.log").open("ab")
     return subprocess.Popen(node_command(config_path, node_id, resume), stdout=log, stderr=subprocess.STDOUT,
-                            env=node_env(), start_new_session=True)
-
-
-def stop_all(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
-    """SIGTERM every live node, then SIGKILL what is still running after `grace` seconds."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+                            env=single_thread_env(), start_new_session=True)
 
 
 def log_tail(run_dir: Path, node_id: int, lines: int = 15) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import zmq
 
 from .. import checkpoint
 from ..config import ConfigError, ExperimentConfig
@@ -48,8 +49,12 @@ def make_transport(cfg: ExperimentConfig, experiment: Experiment, node_id: int, 
     peers = {int(j): tcp(d.addresses[j]) for j in experiment.graph.neighbors(node_id)}
     max_bytes = int(d.max_message_mb * 1e6) if d.max_message_mb else size * 4 + (1 << 20)
     curve = load_keys(d.keys, node_id) if d.keys else None
-    return ZmqTransport(node_id, tcp(d.addresses[node_id]), peers, layout, size, deadline_s=d.deadline_s,
-                        max_message_bytes=max_bytes, curve=curve)
+    try:
+        return ZmqTransport(node_id, tcp(d.addresses[node_id]), peers, layout, size, deadline_s=d.deadline_s,
+                            max_message_bytes=max_bytes, curve=curve)
+    except zmq.ZMQError as exc:  # connect never fails up front: this is the bind of our own address
+        raise ConfigError(f"deploy.addresses[{node_id}] = {d.addresses[node_id]!r}: "
+                          f"cannot listen there ({exc})") from None
 
 
 def backed_round(claims: Mapping[int, int], current: int, rounds: int) -> int:
@@ -147,6 +152,8 @@ class NodeProcess:
                           "wall_seconds": time.perf_counter() - started}
                 self.best_effort(f"the metrics line of round {r}", lambda: (metrics.write(json.dumps(record) + "\n"),
                                                                             metrics.flush()))
+                log.info("round %d done: loss %.4f, %d received, %d missing%s", r, loss, stats.received, stats.missing,
+                         f", accuracy {record['accuracy']:.4f}" if "accuracy" in record else "")
                 completed = r
                 every = cfg.deploy.checkpoint_every
                 if every and ((r + 1) % every == 0 or r == cfg.rounds - 1):

@@ -37,9 +37,17 @@ def generate_keypair() -> tuple[bytes, bytes]:
     return zmq.curve_keypair()
 
 
-def write_keys(directory: str | os.PathLike, node_ids: Iterable[int]) -> Path:
-    """Generate a key pair per node into `directory`; returns the path of the public listing."""
+def write_keys(directory: str | os.PathLike, node_ids: Iterable[int], replace: bool = False) -> Path:
+    """Generate a key pair per node into `directory`; returns the path of the public listing.
+    Existing key files raise FileExistsError unless `replace`: a deployment's keys are not lost
+    by a second run of `gossipfl keys`."""
     directory = Path(directory)
+    node_ids = list(node_ids)
+    names = [LISTING] + [f"node-{node}.{kind}" for node in node_ids for kind in ("secret", "public")]
+    existing = [name for name in names if (directory / name).exists()]
+    if existing and not replace:
+        raise FileExistsError(f"{len(existing)} key files exist already ({', '.join(existing[:3])}"
+                              f"{', ...' if len(existing) > 3 else ''})")
     directory.mkdir(parents=True, exist_ok=True)
     listing = {}
     for node in node_ids:
