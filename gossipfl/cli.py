@@ -130,13 +130,26 @@ def finish_run(args: argparse.Namespace, summary: dict[str, Any], run_dir: Any) 
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    cfg = config_mod.load_config(args.config, args.set)  # a config error comes back before torch loads
-    from .rundir import claim_run_dir, recording_status
-    from .runtimes.sim import Simulation
-    sim = Simulation(cfg, run_dir=args.out and claim_run_dir(args.out), progress=not args.quiet)
+    from .rundir import checked_run_dir, claim_run_dir, recording_status
+    if args.resume:
+        if args.config or args.set or args.out:
+            raise UsageError("--resume continues a run with its own config.toml and folder; "
+                             "give no CONFIG, --set or --out with it")
+        run_dir = checked_run_dir(args.resume)
+        from .runtimes.sim import Simulation
+        sim = Simulation.resume(run_dir, progress=not args.quiet)
+    else:
+        cfg = config_mod.load_config(args.config, args.set)  # a config error comes back before torch loads
+        from .runtimes.sim import Simulation
+        sim = Simulation(cfg, run_dir=args.out and claim_run_dir(args.out), progress=not args.quiet)
     with recording_status(sim.run_dir):
         summary = sim.run()
-    return finish_run(args, summary, sim.run_dir)
+    finish_run(args, summary, sim.run_dir)
+    if summary["status"] == "interrupted":
+        print(f"gossipfl: interrupted after round {summary['rounds'] - 1}; continue with "
+              f"gossipfl simulate --resume {sim.run_dir}", file=sys.stderr)
+        return 130
+    return 0
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -296,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run every node in this process (default: the quickstart)",
                          description="Run an experiment with every node in this process.")
     add_experiment_arguments(sim, new_run)
+    sim.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted simulation from its newest checkpoint (saved every "
+                          "deploy.checkpoint_every rounds), with the config in its folder")
     sim.set_defaults(func=cmd_simulate)
 
     launch = sub.add_parser("launch", help="run one OS process per node on this machine",

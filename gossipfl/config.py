@@ -201,7 +201,7 @@ class DeployConfig:
     keys: str = ""               # folder from `gossipfl keys`; "" = no CurveZMQ
     deadline_s: float = 30.0     # wait per gossip step before a silent neighbour is left out
     startup_s: float = 120.0     # wait for the very first step (peers import torch, load data)
-    checkpoint_every: int = 5    # rounds between checkpoints (0 = never)
+    checkpoint_every: int = 5    # rounds between checkpoints, of node processes and of simulate (0 = never)
     max_message_mb: float = 0.0  # refuse larger messages; 0 = model size plus headroom
 
     def validate(self) -> None:

@@ -134,12 +134,17 @@ class RunWriter:
     run.json says "running" from the start; `write_summary` ends the run as complete, `interrupt`
     as interrupted (with the summary of the rounds done), `fail` as failed."""
 
-    def __init__(self, run_dir: str | Path, cfg: ExperimentConfig):
+    def __init__(self, run_dir: str | Path, cfg: ExperimentConfig, keep_rounds: int = 0):
+        """`keep_rounds` > 0 continues a resumed run: its metrics lines of rounds before that are
+        kept and later ones (written after the checkpoint it resumes from) dropped."""
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.toml").write_text(cfg.to_toml())
+        kept = [r for r in read_metrics(self.dir) if r["round"] < keep_rounds] if keep_rounds else []
         self._metrics = (self.dir / "metrics.jsonl").open("w")
         self.last: dict[str, Any] = {}
+        for record in kept:
+            self.log(record)
         write_status(self.dir, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), **versions())
 
     def log(self, record: dict[str, Any]) -> None:

@@ -265,12 +265,20 @@ def write_plan(spec: SweepSpec, runs: Sequence[RunOutcome]) -> None:
                                                   "combinations": combos}, indent=1) + "\n")
 
 
+def resumable(run: RunOutcome) -> bool:
+    """An interrupted attempt that left a checkpoint continues from it instead of starting over."""
+    return read_status(run.dir) == "interrupted" and any((run.dir / "checkpoints").glob("checkpoint-*.json"))
+
+
 def command(base_path: Path, run: RunOutcome) -> list[str]:
-    """The child: plain `gossipfl simulate` with --set overrides, whatever engine the config picks;
-    no plots per run (`gossipfl compare SWEEP` draws them all; `gossipfl plot RUN` one run)."""
+    """The child: plain `gossipfl simulate` with --set overrides, whatever engine the config picks
+    (or `simulate --resume` of an interrupted attempt); no plots per run (`gossipfl compare SWEEP`
+    draws them all; `gossipfl plot RUN` one run)."""
+    quiet = ["--quiet", "--no-plot"]
+    if run.dir.exists() and resumable(run):
+        return [sys.executable, "-m", "gossipfl", "simulate", "--resume", str(run.dir), *quiet]
     sets = [a for k, v in {**run.settings, "seed": run.seed}.items() for a in ("--set", config.override_text(k, v))]
-    return [sys.executable, "-m", "gossipfl", "simulate", str(base_path), *sets, "--out", str(run.dir), "--quiet",
-            "--no-plot"]
+    return [sys.executable, "-m", "gossipfl", "simulate", str(base_path), *sets, "--out", str(run.dir), *quiet]
 
 
 def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepResult:
@@ -291,7 +299,7 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepResult:
         while pending or active:
             while pending and len(active) < spec.jobs:
                 run = pending.pop(0)
-                if run.dir.exists():  # an interrupted or failed attempt: start it again from scratch
+                if run.dir.exists() and not resumable(run):  # a failed attempt: start again from scratch
                     shutil.rmtree(run.dir)
                 with run.log.open("w") as log:
                     active[subprocess.Popen(command(base_path, run), stdout=log, stderr=subprocess.STDOUT,

@@ -107,3 +107,46 @@ def test_nodes_learn_on_digits(small_config, tmp_path, engine):
                      progress=False)
     summary = sim.run()
     assert summary["final_accuracy_mean"] > 0.8
+
+
+@ENGINES
+def test_an_interrupted_simulation_resumes_to_the_same_final_parameters(small_config, tmp_path, engine):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gossipfl import checkpoint
+    from gossipfl.runtimes.sim import CHECKPOINTS
+
+    cfg = small_config(rounds=8, engine=engine, robust__guard="on", deploy__checkpoint_every=2,
+                       train__local_steps=60)
+    whole = Simulation(cfg, run_dir=tmp_path / "whole", progress=False)
+    whole.run()
+    path = tmp_path / "config.toml"
+    path.write_text(cfg.to_toml())
+    proc = subprocess.Popen([sys.executable, "-m", "gossipfl", "simulate", str(path), "--out", str(tmp_path / "cut"),
+                             "--quiet", "--no-plot"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = tmp_path / "cut" / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline and proc.poll() is None, "the run ended before it could be cut"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130, proc.stderr.read()
+    finally:
+        proc.kill()
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 3 <= summary["rounds"] < 8
+    resumed = Simulation.resume(tmp_path / "cut", progress=False)
+    assert resumed.start_round % 2 == 0 and resumed.start_round < 8
+    assert resumed.run()["status"] == "complete"
+    lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == list(range(8))
+    layout = whole.layout
+    final = checkpoint.load_latest(tmp_path / "cut" / CHECKPOINTS, layout)
+    assert final.round == 7
+    assert torch.equal(final.vector, checkpoint.load_latest(tmp_path / "whole" / CHECKPOINTS, layout).vector)
+    expected = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["bytes_sent_total"] == expected["bytes_sent_total"]

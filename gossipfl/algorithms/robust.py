@@ -88,6 +88,15 @@ class DistanceGuard:
         self._record(rows, torch.minimum(distance, bound[:, None]), present)
         return FilterOutput(out, weights, suspicion)
 
+    def state(self) -> dict[str, list]:
+        """What a checkpoint keeps, JSON-safe (NaN marks an empty slot of the history)."""
+        return {"history": self.history.tolist(), "position": self.position.tolist(), "seen": self.seen.tolist()}
+
+    def load_state(self, state: dict[str, list]) -> None:
+        self.history.copy_(torch.tensor(state["history"], dtype=torch.float64))
+        self.position.copy_(torch.tensor(state["position"]))
+        self.seen.copy_(torch.tensor(state["seen"]))
+
     def _record(self, rows: torch.Tensor, distance: torch.Tensor, present: torch.Tensor) -> None:
         window = self.history.shape[1]
         for j in range(distance.shape[1]):

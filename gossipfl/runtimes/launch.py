@@ -24,10 +24,10 @@ from tqdm import tqdm
 from ..config import ExperimentConfig
 from ..errors import UserError
 from ..experiment import Experiment, write_weights
-from ..metrics import consensus_distance
+from ..metrics import Evaluator, consensus_distance
 from ..rundir import RunWriter, new_run_dir
 from . import single_thread_env, stop_all
-from .process import node_dir
+from .process import evaluated_vector, node_dir
 
 
 class LaunchError(UserError, RuntimeError):
@@ -124,15 +124,15 @@ def aggregate(rows: list[dict[str, Any]], started: float) -> dict[str, Any]:
     return record
 
 
-def final_vectors(run_dir: Path, n: int) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.load(node_dir(run_dir, i) / "final.npy", allow_pickle=False)) for i in range(n)]
-
-
-def global_metrics(experiment: Experiment, vectors: list[torch.Tensor]) -> dict[str, float]:
-    """Consensus distance and the accuracy of the average model, from the nodes' final vectors."""
+def network_metrics(run_dir: Path, nodes: list[int], round_index: int, evaluator: Evaluator) -> dict[str, float]:
+    """Consensus distance and the average model's accuracy of an evaluated round, from the vectors
+    the nodes left for it (then removed: the launcher is their only reader)."""
+    paths = [evaluated_vector(node_dir(run_dir, i), round_index) for i in nodes]
+    vectors = [torch.from_numpy(np.load(path, allow_pickle=False)) for path in paths]
+    for path in paths:
+        path.unlink()
     average = torch.stack(vectors).mean(dim=0, keepdim=True)
-    return {"consensus_distance": consensus_distance(vectors),
-            "accuracy_average_model": float(experiment.evaluator().accuracy(average)[0])}
+    return {"consensus_distance": consensus_distance(vectors), "accuracy_average_model": float(evaluator.accuracy(average)[0])}
 
 
 def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: bool = True,
@@ -148,17 +148,16 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
     procs = [start_node(config_path, run_dir, i) for i in range(n)]
     follower = MetricsFollower(run_dir, n)
     bar = tqdm(total=cfg.rounds, desc=f"{cfg.name} ({n} processes)", unit="round", disable=not progress)
-    last: dict[str, Any] | None = None  # held back until the final vectors add global metrics
+    evaluator = experiment.evaluator()
 
     def collect() -> None:
-        nonlocal last
         for rows in follower.poll():
-            if last is not None:
-                writer.log(last)
-            last = aggregate(rows, started)
+            record = aggregate(rows, started)
+            if "accuracy_mean" in record:
+                record.update(network_metrics(run_dir, list(range(n)), record["round"], evaluator))
+                bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}")
+            writer.log(record)
             bar.update(1)
-            if "accuracy_mean" in last:
-                bar.set_postfix(acc=f"{last['accuracy_mean']:.3f}")
 
     try:
         while True:
@@ -173,8 +172,6 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
                 break
             time.sleep(poll_s)
         collect()
-        if last is not None:
-            writer.log({**last, **global_metrics(experiment, final_vectors(run_dir, n))})
         return writer.write_summary(nodes=n, dataset=experiment.dataset.name, run_dir=str(run_dir),
                                     runtime="launch")
     finally:

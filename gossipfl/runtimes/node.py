@@ -49,6 +49,14 @@ class NodeCounters:
     def as_dict(self) -> dict[str, object]:
         return {"flagged": {str(k): v for k, v in sorted(self.flagged.items())}, "rolled_back": self.rolled_back}
 
+    def state(self) -> dict[str, object]:
+        return {**self.as_dict(), "suspicion": {str(k): v for k, v in sorted(self.suspicion.items())}}
+
+    def load_state(self, state: dict) -> None:
+        self.flagged = Counter({int(k): v for k, v in state["flagged"].items()})
+        self.suspicion = Counter({int(k): v for k, v in state["suspicion"].items()})
+        self.rolled_back = state["rolled_back"]
+
 
 class Node:
     def __init__(self, node_id: int, flat: FlatModel, training: LocalTraining,
@@ -134,6 +142,17 @@ class Node:
     def _pair_missing(self) -> bool:
         self._missing += 1
         return False
+
+    def state(self) -> dict[str, object]:
+        """What a checkpoint of a simulated network keeps of this node besides its vector."""
+        return {"counters": self.counters.state(), "guard": self.guard.state() if self.guard else None,
+                "bytes_sent": self.transport.bytes_sent, "messages_sent": self.transport.messages_sent}
+
+    def load_state(self, state: dict) -> None:
+        self.counters.load_state(state["counters"])
+        if self.guard is not None:
+            self.guard.load_state(state["guard"])
+        self.transport.bytes_sent, self.transport.messages_sent = state["bytes_sent"], state["messages_sent"]
 
     def stats(self, round_index: int, loss: float) -> RoundStats:
         return RoundStats(round_index, loss, self._received, self._missing)

@@ -22,6 +22,7 @@ import torch
 import zmq
 
 from .. import checkpoint
+from ..checkpoint import save_array
 from ..config import ConfigError, ExperimentConfig
 from ..experiment import Experiment
 from ..transport.keys import load_keys
@@ -35,6 +36,11 @@ log = logging.getLogger("gossipfl.node")
 
 def node_dir(run_dir: str | Path, node_id: int) -> Path:
     return Path(run_dir) / "nodes" / f"node-{node_id}"
+
+
+def evaluated_vector(directory: Path, round_index: int) -> Path:
+    """Where a node leaves its vector of an evaluated round for the launcher's network-wide metrics."""
+    return directory / "evaluated" / f"round-{round_index:06d}.npy"
 
 
 def tcp(address: str) -> str:
@@ -150,6 +156,9 @@ class NodeProcess:
                           **self.node.counters.as_dict(), "io_errors": self.io_errors,
                           "round_seconds": time.perf_counter() - round_start, "train_seconds": train_seconds,
                           "wall_seconds": time.perf_counter() - started}
+                if evaluate:  # before the metrics line: the launcher reads the line, then the vector
+                    self.best_effort(f"the vector of round {r}", lambda: save_array(
+                        evaluated_vector(self.dir, r), self.node.vector.numpy()))
                 self.best_effort(f"the metrics line of round {r}", lambda: (metrics.write(json.dumps(record) + "\n"),
                                                                             metrics.flush()))
                 log.info("round %d done: loss %.4f, %d received, %d missing%s", r, loss, stats.received, stats.missing,
@@ -160,8 +169,7 @@ class NodeProcess:
                     self.best_effort(f"the checkpoint of round {r}",
                                      lambda: checkpoint.save(self.dir, r, self.node.vector, self.layout))
                 r += 1
-        self.best_effort("final.npy", lambda: np.save(self.dir / "final.npy", self.node.vector.numpy(),
-                                                      allow_pickle=False), attempts=5)
+        self.best_effort("final.npy", lambda: save_array(self.dir / "final.npy", self.node.vector.numpy()), attempts=5)
         summary = {"node": self.id, "rounds_completed": completed + 1, "stopped_early": completed < cfg.rounds - 1,
                    "bytes_sent": self.transport.bytes_sent, "rejected": dict(self.transport.rejected),
                    **self.node.counters.as_dict(), "io_errors": self.io_errors,

@@ -17,11 +17,14 @@ import torch
 from tqdm import tqdm
 
 from ..algorithms.schedule import Broadcast, RoundPlan
+from .. import checkpoint, config
 from ..config import ConfigError, ExperimentConfig
 from ..experiment import Experiment, write_weights
 from ..metrics import consensus_distance
-from ..rundir import RunWriter, new_run_dir
+from ..rundir import RunDirError, RunWriter, new_run_dir
 from ..transport import MemoryNetwork
+
+CHECKPOINTS = "checkpoints"
 
 
 class Engine(Protocol):
@@ -31,6 +34,8 @@ class Engine(Protocol):
     def exchange(self, plan: RoundPlan) -> None: ...          # the round's gossip
     def vectors(self) -> torch.Tensor: ...                    # (N, d) node vectors (a view or a copy)
     def counters(self) -> dict[str, Any]: ...                 # bytes sent, drops, clips, rollbacks
+    def state(self) -> dict[str, Any]: ...                    # JSON-safe state beside the vectors
+    def restore(self, vectors: torch.Tensor, state: dict[str, Any]) -> None: ...  # from a checkpoint
 
 
 class NodeEngine:
@@ -59,6 +64,14 @@ class NodeEngine:
 
     def vectors(self) -> torch.Tensor:
         return torch.stack([node.vector for node in self.nodes])
+
+    def state(self) -> dict[str, Any]:
+        return {"nodes": [node.state() for node in self.nodes]}
+
+    def restore(self, vectors: torch.Tensor, state: dict[str, Any]) -> None:
+        for node, vector, saved in zip(self.nodes, vectors, state["nodes"]):
+            node.vector.copy_(vector)
+            node.load_state(saved)
 
     def counters(self) -> dict[str, Any]:
         rejected: dict[str, int] = {}
@@ -98,6 +111,10 @@ def build_engine(experiment: Experiment, engine: str, device: torch.device) -> E
 
 
 class Simulation:
+    """The simulation loop over an engine: rounds, evaluation, metrics, checkpoints of the whole
+    network every deploy.checkpoint_every rounds and after the last (RUN_DIR/checkpoints, which also
+    hold the final vectors), and a summary also when a run is interrupted (Ctrl-C) or fails."""
+
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: bool = True):
         self.cfg = cfg
         self.experiment = Experiment(cfg)
@@ -106,6 +123,21 @@ class Simulation:
         self.evaluator = self.experiment.evaluator(self.device)
         self.run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output, cfg.name)
         self.progress = progress
+        self.layout = self.experiment.build_model(0).layout.digest()
+        self.start_round, self.wall_before = 0, 0.0  # where a resumed run picks up
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, progress: bool = True) -> "Simulation":
+        """Continue an interrupted simulation from its newest checkpoint, with its own config."""
+        run_dir = Path(run_dir)
+        sim = cls(config.load(run_dir / "config.toml"), run_dir, progress)
+        saved = checkpoint.load_latest(run_dir / CHECKPOINTS, sim.layout)
+        if saved is None:
+            raise RunDirError(f"{run_dir} has no checkpoint to resume from (deploy.checkpoint_every = "
+                              f"{sim.cfg.deploy.checkpoint_every})")
+        sim.engine.restore(saved.vector.to(sim.device), saved.state["engine"])
+        sim.start_round, sim.wall_before = saved.round + 1, saved.state["wall_seconds"]
+        return sim
 
     @property
     def nodes(self):  # the Node engine's nodes (tests and tools that inspect single nodes)
@@ -123,12 +155,16 @@ class Simulation:
         return loss, train_seconds
 
     def run(self) -> dict[str, Any]:
-        writer = RunWriter(self.run_dir, self.experiment.resolved_config())
+        """Run (or continue) to the last round; the summary's status says whether it got there."""
+        writer = RunWriter(self.run_dir, self.experiment.resolved_config(), keep_rounds=self.start_round)
         write_weights(self.run_dir, self.experiment)
-        rounds, every = self.cfg.rounds, self.cfg.eval.every
-        start = time.perf_counter()
-        bar = tqdm(range(rounds), desc=f"{self.cfg.name} ({self.experiment.n} nodes, {self.engine_name})",
-                   unit="round", disable=not self.progress)
+        rounds, every, keep = self.cfg.rounds, self.cfg.eval.every, self.cfg.deploy.checkpoint_every
+        start = time.perf_counter() - self.wall_before
+        bar = tqdm(range(self.start_round, rounds), desc=f"{self.cfg.name} ({self.experiment.n} nodes, "
+                   f"{self.engine_name})", unit="round", disable=not self.progress, initial=self.start_round,
+                   total=rounds)
+        extra = dict(nodes=self.experiment.n, dataset=self.experiment.dataset.name, run_dir=str(self.run_dir),
+                     engine=self.engine_name, device=str(self.device))
         try:
             for r in bar:
                 round_start = time.perf_counter()
@@ -141,8 +177,15 @@ class Simulation:
                 record.update(self.engine.counters(), round_seconds=time.perf_counter() - round_start,
                               train_seconds=train_seconds, wall_seconds=time.perf_counter() - start)
                 writer.log(record)
-            return writer.write_summary(nodes=self.experiment.n, dataset=self.experiment.dataset.name,
-                                        run_dir=str(self.run_dir), engine=self.engine_name, device=str(self.device))
+                if keep and ((r + 1) % keep == 0 or r == rounds - 1):
+                    checkpoint.save(self.run_dir / CHECKPOINTS, r, self.vectors(), self.layout,
+                                    {"engine": self.engine.state(), "wall_seconds": record["wall_seconds"]})
+            return writer.write_summary(**extra)
+        except KeyboardInterrupt:
+            return writer.interrupt(**extra)
+        except BaseException as error:
+            writer.fail(error)
+            raise
         finally:
             bar.close()
             writer.close()

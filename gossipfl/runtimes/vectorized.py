@@ -175,6 +175,16 @@ class VectorizedEngine:
     def vectors(self) -> torch.Tensor:
         return self.x
 
+    def state(self) -> dict[str, Any]:
+        return {"bytes_sent": self.bytes_sent, "flagged": self.flagged, "rolled_back": self.rolled_back,
+                "guard": self.guard.state() if self.guard else None}
+
+    def restore(self, vectors: torch.Tensor, state: dict[str, Any]) -> None:
+        self.x.copy_(vectors)
+        self.bytes_sent, self.flagged, self.rolled_back = state["bytes_sent"], state["flagged"], state["rolled_back"]
+        if self.guard is not None:
+            self.guard.load_state(state["guard"])
+
     def counters(self) -> dict[str, Any]:
         return {"bytes_sent": self.bytes_sent, "rejected": {}, "flagged": self.flagged,
                 "rolled_back": self.rolled_back}
