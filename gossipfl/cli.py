@@ -20,6 +20,7 @@ from . import __version__
 from . import config as config_mod
 from .config import GossipConfig
 from .errors import UserError
+from .runtimes import RESTART_POLICIES
 
 LAUNCH_QUICKSTART_NODES = 8  # one process per node: 8 fit a 2-core machine comfortably
 IMAGE_FORMATS = ("png", "pdf", "svg")
@@ -121,11 +122,16 @@ def run_text(summary: dict[str, Any], run_dir: Any) -> str:
     return "\n".join(lines)
 
 
-def finish_run(args: argparse.Namespace, summary: dict[str, Any], run_dir: Any) -> int:
-    if not args.no_plot:
+def end_run(args: argparse.Namespace, summary: dict[str, Any], run_dir: Any, resume_hint: str = "") -> int:
+    """Plots and the summary of the rounds done, also of an interrupted run (then exit code 130)."""
+    if not args.no_plot and summary.get("rounds"):
         from .plots import plot_run
         plot_run(run_dir)
     print_result(args, summary, run_text(summary, run_dir))
+    if summary["status"] == "interrupted":
+        print(f"gossipfl: interrupted after {summary['rounds']} rounds"
+              + (f"; continue with {resume_hint}" if resume_hint else ""), file=sys.stderr)
+        return 130
     return 0
 
 
@@ -144,12 +150,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         sim = Simulation(cfg, run_dir=args.out and claim_run_dir(args.out), progress=not args.quiet)
     with recording_status(sim.run_dir):
         summary = sim.run()
-    finish_run(args, summary, sim.run_dir)
-    if summary["status"] == "interrupted":
-        print(f"gossipfl: interrupted after round {summary['rounds'] - 1}; continue with "
-              f"gossipfl simulate --resume {sim.run_dir}", file=sys.stderr)
-        return 130
-    return 0
+    return end_run(args, summary, sim.run_dir, resume_hint=f"gossipfl simulate --resume {sim.run_dir}")
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -159,8 +160,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from .runtimes.launch import launch
     run_dir = claim_run_dir(args.out) if args.out else new_run_dir(cfg.output, cfg.name)
     with recording_status(run_dir):
-        summary = launch(cfg, run_dir, progress=not args.quiet)
-    return finish_run(args, summary, run_dir)
+        summary = launch(cfg, run_dir, progress=not args.quiet, restart=args.restart, max_restarts=args.max_restarts)
+    return end_run(args, summary, run_dir)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -318,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Run an experiment with one OS process per node over ZeroMQ on this "
                                         f"machine (no config: the quickstart with {LAUNCH_QUICKSTART_NODES} nodes).")
     add_experiment_arguments(launch, new_run)
+    launch.add_argument("--restart", default="never", choices=RESTART_POLICIES,
+                        help="start a node that died again, resuming from its last checkpoint (default never)")
+    launch.add_argument("--max-restarts", type=positive_int, default=3, metavar="N",
+                        help="restarts per node with --restart on-failure (default 3)")
     launch.set_defaults(func=cmd_launch)
 
     sweep = sub.add_parser("sweep", help="run a grid of settings over seeds; table of mean and spread",

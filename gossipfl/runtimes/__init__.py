@@ -7,6 +7,8 @@ import subprocess
 import time
 from typing import Iterable
 
+RESTART_POLICIES = ("never", "on-failure")  # what `gossipfl launch` does when a node process dies
+
 
 def single_thread_env() -> dict[str, str]:
     """The environment for a child process that shares this machine with others: one BLAS/OpenMP

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from ..errors import UserError
 from ..experiment import Experiment, write_weights
 from ..metrics import Evaluator, consensus_distance
 from ..rundir import RunWriter, new_run_dir
-from . import single_thread_env, stop_all
+from . import RESTART_POLICIES, single_thread_env, stop_all
 from .process import evaluated_vector, node_dir
 
 
@@ -77,15 +78,18 @@ def log_tail(run_dir: Path, node_id: int, lines: int = 15) -> str:
 
 
 class MetricsFollower:
-    """Reads the nodes' metrics.jsonl files as they grow and yields rounds every node finished."""
+    """Reads the nodes' metrics.jsonl files as they grow and yields, in order, the rounds no live
+    node can still report: round r is done when every node has reported it or a later round
+    (a node that rejoined skipped it), or is gone for good (finished, or dead and not restarted)."""
 
     def __init__(self, run_dir: Path, n: int):
         self.paths = [node_dir(run_dir, i) / "metrics.jsonl" for i in range(n)]
         self.offsets = [0] * n
         self.rows: list[dict[int, dict[str, Any]]] = [{} for _ in range(n)]
+        self.newest = [-1] * n  # newest round each node reported
         self.next_round = 0
 
-    def poll(self) -> list[list[dict[str, Any]]]:
+    def poll(self, gone: set[int], rounds: int) -> list[list[dict[str, Any]]]:
         for i, path in enumerate(self.paths):
             if not path.exists():
                 continue
@@ -96,21 +100,27 @@ class MetricsFollower:
                         break  # a line still being written
                     self.offsets[i] += len(line)
                     row = json.loads(line)
-                    self.rows[i][row["round"]] = row
+                    if row["round"] >= self.next_round:  # a resumed node may repeat rounds already gathered
+                        self.rows[i][row["round"]] = row
+                        self.newest[i] = max(self.newest[i], row["round"])
         done = []
-        while all(self.next_round in rows for rows in self.rows):
-            done.append([rows.pop(self.next_round) for rows in self.rows])
+        while self.next_round < rounds and all(self.newest[i] >= self.next_round or i in gone
+                                               for i in range(len(self.rows))):
+            present = [rows.pop(self.next_round) for rows in self.rows if self.next_round in rows]
+            if present:
+                done.append(present)
             self.next_round += 1
         return done
 
 
 def aggregate(rows: list[dict[str, Any]], started: float) -> dict[str, Any]:
-    """One line of the run's metrics.jsonl from every node's line of the same round."""
+    """One line of the run's metrics.jsonl from the nodes' lines of the same round."""
     rejected: dict[str, int] = {}
     for r in rows:
         for reason, count in r["rejected"].items():
             rejected[reason] = rejected.get(reason, 0) + count
-    record = {"round": rows[0]["round"], "train_loss": float(np.mean([r["train_loss"] for r in rows])),
+    record = {"round": rows[0]["round"], "nodes_reporting": len(rows),
+              "train_loss": float(np.mean([r["train_loss"] for r in rows])),
               "bytes_sent": sum(r["bytes_sent"] for r in rows), "missing": sum(r["missing"] for r in rows),
               "rejected": rejected, "flagged": sum(sum(r["flagged"].values()) for r in rows),
               "rolled_back": sum(r["rolled_back"] for r in rows),
@@ -126,7 +136,7 @@ def aggregate(rows: list[dict[str, Any]], started: float) -> dict[str, Any]:
 
 def network_metrics(run_dir: Path, nodes: list[int], round_index: int, evaluator: Evaluator) -> dict[str, float]:
     """Consensus distance and the average model's accuracy of an evaluated round, from the vectors
-    the nodes left for it (then removed: the launcher is their only reader)."""
+    the reporting nodes left for it (then removed: the launcher is their only reader)."""
     paths = [evaluated_vector(node_dir(run_dir, i), round_index) for i in nodes]
     vectors = [torch.from_numpy(np.load(path, allow_pickle=False)) for path in paths]
     for path in paths:
@@ -135,9 +145,26 @@ def network_metrics(run_dir: Path, nodes: list[int], round_index: int, evaluator
     return {"consensus_distance": consensus_distance(vectors), "accuracy_average_model": float(evaluator.accuracy(average)[0])}
 
 
-def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: bool = True,
-           poll_s: float = 0.2) -> dict[str, Any]:
-    """Run every node of `cfg` as a local process; returns the run summary."""
+@dataclass
+class NodeSlot:
+    """One node of a launch: its current process and how it has fared."""
+    id: int
+    proc: subprocess.Popen
+    state: str = "live"  # live, finished, dead
+    restarts: int = 0
+
+
+def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: bool = True, poll_s: float = 0.2,
+           restart: str = "never", max_restarts: int = 3) -> dict[str, Any]:
+    """Run every node of `cfg` as a local process and gather one run folder; returns the summary.
+
+    The run goes on when node processes die: the rounds of the live nodes are gathered, and the
+    summary records who died and when. With restart = "on-failure" a dead node is started again
+    with --resume (up to `max_restarts` times each). A node that fails before finishing any round
+    is a start-up problem (address taken, data missing), and it fails the launch at once. Ctrl-C
+    stops every node cleanly and returns the summary of the rounds done."""
+    if restart not in RESTART_POLICIES:
+        raise LaunchError(f"--restart {restart!r}: choose one of {', '.join(RESTART_POLICIES)}")
     experiment = Experiment(cfg)
     n = experiment.n
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output, cfg.name)
@@ -145,36 +172,58 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
     writer = RunWriter(run_dir, deployed)
     config_path = run_dir / "config.toml"
     started = time.perf_counter()
-    procs = [start_node(config_path, run_dir, i) for i in range(n)]
+    slots = [NodeSlot(i, start_node(config_path, run_dir, i)) for i in range(n)]
     follower = MetricsFollower(run_dir, n)
     bar = tqdm(total=cfg.rounds, desc=f"{cfg.name} ({n} processes)", unit="round", disable=not progress)
     evaluator = experiment.evaluator()
+    events: list[dict[str, Any]] = []
 
     def collect() -> None:
-        for rows in follower.poll():
+        gone = {s.id for s in slots if s.state != "live"}
+        for rows in follower.poll(gone, cfg.rounds):
             record = aggregate(rows, started)
             if "accuracy_mean" in record:
-                record.update(network_metrics(run_dir, list(range(n)), record["round"], evaluator))
-                bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}")
+                record.update(network_metrics(run_dir, [r["node"] for r in rows], record["round"], evaluator))
             writer.log(record)
             bar.update(1)
+        live = sum(s.state == "live" for s in slots)
+        bar.set_postfix_str(f"live {live}/{n}, dead {sum(s.state == 'dead' for s in slots)}"
+                            + (f", acc {writer.last['accuracy_mean']:.3f}" if "accuracy_mean" in writer.last else ""))
 
+    def settle(slot: NodeSlot, code: int) -> None:
+        if code == 0:
+            slot.state = "finished"
+            return
+        if follower.newest[slot.id] < 0 and slot.restarts == 0:
+            raise LaunchError(f"node {slot.id} exited with code {code} before finishing a round; its log "
+                              f"({node_dir(run_dir, slot.id) / 'node.log'}) ends with:\n{log_tail(run_dir, slot.id)}")
+        events.append({"event": "died", "node": slot.id, "exit_code": code, "after_round": follower.newest[slot.id],
+                       "wall_seconds": time.perf_counter() - started})
+        if restart == "on-failure" and slot.restarts < max_restarts:
+            slot.proc, slot.restarts = start_node(config_path, run_dir, slot.id, resume=True), slot.restarts + 1
+            events.append({"event": "restarted", "node": slot.id, "wall_seconds": time.perf_counter() - started})
+        else:
+            slot.state = "dead"
+
+    status = "complete"
     try:
-        while True:
+        while any(s.state == "live" for s in slots):
             collect()
-            codes = [p.poll() for p in procs]
-            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                i = failed[0]
-                raise LaunchError(f"node {i} exited with code {codes[i]}; its log "
-                                  f"({node_dir(run_dir, i) / 'node.log'}) ends with:\n{log_tail(run_dir, i)}")
-            if all(c == 0 for c in codes):
-                break
+            for slot in slots:
+                code = slot.proc.poll() if slot.state == "live" else None
+                if code is not None:
+                    settle(slot, code)
             time.sleep(poll_s)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        stop_all([s.proc for s in slots])  # SIGTERM: each node ends after its current step, with a summary
+    try:
         collect()
-        return writer.write_summary(nodes=n, dataset=experiment.dataset.name, run_dir=str(run_dir),
-                                    runtime="launch")
+        dead = sorted(s.id for s in slots if s.state == "dead")
+        return writer.write_summary(status, nodes=n, dataset=experiment.dataset.name, run_dir=str(run_dir),
+                                    runtime="launch", dead_nodes=dead, node_events=events,
+                                    restarts=sum(s.restarts for s in slots))
     finally:
         bar.close()
-        stop_all(procs)
+        stop_all([s.proc for s in slots])
         writer.close()

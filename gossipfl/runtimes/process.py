@@ -150,7 +150,7 @@ class NodeProcess:
                     break
                 stats = self.node.stats(r, loss)
                 evaluate = (r + 1) % cfg.eval.every == 0 or r == cfg.rounds - 1
-                record = {"round": r, "train_loss": loss, **(self.evaluate() if evaluate else {}),
+                record = {"node": self.id, "round": r, "train_loss": loss, **(self.evaluate() if evaluate else {}),
                           "bytes_sent": self.transport.bytes_sent, "received": stats.received,
                           "missing": stats.missing, "rejected": dict(self.transport.rejected),
                           **self.node.counters.as_dict(), "io_errors": self.io_errors,
