@@ -137,10 +137,12 @@ class GossipConfig:
     variance_eps: float = 1e-4   # epsilon of the variance ratio (Tian et al.); biases layers with var ~ eps
     init: str = "common"         # common = one initial model for all; independent = one per node
     weights_file: str = ""       # a stored W.json (gossipfl topology --out) used instead of `weights`
-    schedule: str = "sync"       # sync = Q lock-step steps; poisson = pairwise exchanges on edge clocks
+    schedule: str = "sync"       # sync = Q lock-step steps; poisson = pairwise exchanges on edge clocks;
+                                 # async = each node trains, merges what arrived and sends at its own pace
     rates: str = "uniform"       # poisson: per-edge rates, uniform or optimal (DADAO SDP)
     poisson_time: float = 1.0    # poisson: clock time per round
     rate_budget: float = 0.0     # poisson: sum of edge rates; 0 = n/2 (about one exchange per node)
+    staleness_decay: float = 1.0  # async: a vector k rounds behind the receiver weighs decay**k (1 = no decay)
 
     RATES = ("uniform", "optimal")
     INITS = ("common", "independent")
@@ -161,6 +163,7 @@ class GossipConfig:
         _choice("gossip.rates", self.rates, self.RATES)
         _positive("gossip.poisson_time", self.poisson_time)
         _positive("gossip.rate_budget", self.rate_budget, allow_zero=True)
+        _in_range("gossip.staleness_decay", self.staleness_decay, 0.0, 1.0)
 
 
 @dataclass
@@ -191,6 +194,28 @@ class RobustConfig:
         _positive("robust.guard_factor", self.guard_factor)
         _positive("robust.guard_max_relative", self.guard_max_relative)
         _positive("robust.guard_window", self.guard_window)
+
+
+@dataclass
+class TimingConfig:
+    """How long things take, for the asynchronous schedule: a virtual clock in `simulate`, a real
+    slowdown of the listed nodes in node processes (to study or test heterogeneous networks)."""
+    compute_s: float = 1.0       # simulate: mean seconds of one local round; also the length of a metrics round
+    compute_spread: float = 0.0  # simulate: nodes' compute times vary by a seeded log-normal factor, sigma
+    latency_s: float = 0.01      # simulate: mean one-way link latency
+    latency_spread: float = 0.0  # simulate: links' latencies vary by a seeded log-normal factor, sigma
+    slow: list[int] = field(default_factory=list)  # node ids that compute slow_factor times slower (both)
+    slow_factor: float = 4.0
+
+    def validate(self) -> None:
+        _positive("timing.compute_s", self.compute_s)
+        _positive("timing.compute_spread", self.compute_spread, allow_zero=True)
+        _positive("timing.latency_s", self.latency_s, allow_zero=True)
+        _positive("timing.latency_spread", self.latency_spread, allow_zero=True)
+        if any(i < 0 for i in self.slow):
+            raise ConfigError(f"timing.slow = {self.slow} must hold node ids >= 0")
+        if self.slow_factor < 1 or not math.isfinite(self.slow_factor):
+            raise ConfigError(f"timing.slow_factor = {self.slow_factor!r} must be >= 1")
 
 
 @dataclass
@@ -233,6 +258,7 @@ class ExperimentConfig:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def validate(self) -> "ExperimentConfig":

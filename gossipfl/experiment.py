@@ -48,6 +48,14 @@ class Experiment:
         return self.graph.number_of_nodes()
 
     @cached_property
+    def slow_nodes(self) -> list[int]:
+        """timing.slow, checked against the graph: each a node that computes slow_factor times slower."""
+        slow = self.cfg.timing.slow
+        if any(i >= self.n for i in slow):
+            raise ConfigError(f"timing.slow = {slow} names a node beyond the {self.n} nodes (ids 0..{self.n - 1})")
+        return list(slow)
+
+    @cached_property
     def weights(self) -> sdp.SolveResult:
         """The mixing matrix: loaded from gossip.weights_file, else computed (solved once per run)."""
         g = self.cfg.gossip
@@ -80,6 +88,8 @@ class Experiment:
         g = self.cfg.gossip
         if g.schedule == "poisson":
             return schedule.poisson_plan(self.rates.rates, self.rates.edges, g.poisson_time, self.cfg.seed)
+        if g.schedule == "async":
+            return schedule.async_plan(self.cfg.timing.compute_s)
         return schedule.sync_plan(g.steps)
 
     @cached_property

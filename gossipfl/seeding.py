@@ -12,6 +12,7 @@ import numpy as np
 INIT_ROUND = 2**31      # a "round" no run reaches: its seed draws initial weights
 POISSON_STREAM = 2**31  # a "node" id no graph has: its seeds draw a round's Poisson firings
 EVAL_STREAM = 2**31 + 1  # a "node" id no graph has: its seed draws the evaluated nodes and test examples
+TIMING_STREAM = 2**31 + 2  # a "node" id no graph has: its seeds draw simulated compute times and latencies
 
 
 def round_seed(*parts: int) -> int:

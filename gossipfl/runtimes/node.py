@@ -118,6 +118,13 @@ class Node:
         self.counters.rolled_back += keep_finite(self._merged, own)
         own.copy_(self._merged)
 
+    def merge_arrived(self, messages: list[Message], round_index: int, decay: float) -> None:
+        """Asynchronous gossip: merge the newest vector of each neighbour that sent one, weighted by
+        its mixing weight times decay ** (rounds it lags behind this node's `round_index`)."""
+        messages = [m for m in messages if m.sender in self.neighbour_weights]
+        self.merge(messages, [self.neighbour_weights[m.sender] * decay ** max(0, round_index - m.round)
+                              for m in messages])
+
     # Pairwise exchanges (Poisson-clock gossip): the edge's owner requests, the peer answers with
     # its own vector and merges, the owner merges the answer. Both ends weigh the pair 1/2 : 1/2.
 

@@ -30,20 +30,34 @@ CHECKPOINTS = "checkpoints"
 class Engine(Protocol):
     """What the simulation loop needs from an engine."""
 
-    def train(self, round_index: int) -> float: ...          # mean local training loss
-    def exchange(self, plan: RoundPlan) -> None: ...          # the round's gossip
+    def step(self, plan: RoundPlan) -> tuple[float, float]: ...  # one round: (mean loss, seconds training)
     def vectors(self) -> torch.Tensor: ...                    # (N, d) node vectors (a view or a copy)
     def counters(self) -> dict[str, Any]: ...                 # bytes sent, drops, clips, rollbacks
+    resumable: bool                                           # whether state() holds all of it between rounds
     def state(self) -> dict[str, Any]: ...                    # JSON-safe state beside the vectors
     def restore(self, vectors: torch.Tensor, state: dict[str, Any]) -> None: ...  # from a checkpoint
+
+
+def lock_step(engine: Any, plan: RoundPlan) -> tuple[float, float]:
+    """A round of the planned schedules: every node trains, then the plan's exchanges run."""
+    start = time.perf_counter()
+    loss = engine.train(plan.round)
+    train_seconds = time.perf_counter() - start
+    engine.exchange(plan)
+    return loss, train_seconds
 
 
 class NodeEngine:
     """One Node per participant over the memory transport."""
 
+    resumable = True  # state() and restore() hold all of it between rounds
+
     def __init__(self, experiment: Experiment):
         self.network = MemoryNetwork()
         self.nodes = [experiment.make_node(i, self.network.endpoint(i), network=False) for i in range(experiment.n)]
+
+    def step(self, plan: RoundPlan) -> tuple[float, float]:
+        return lock_step(self, plan)
 
     def train(self, round_index: int) -> float:
         return sum(node.train(round_index) for node in self.nodes) / len(self.nodes)
@@ -92,10 +106,15 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def choose_engine(cfg: ExperimentConfig) -> tuple[str, torch.device]:
-    """(engine, device) for a simulation: auto picks the vectorized engine, which supports every
-    config today; the Node engine runs on the CPU only."""
+    """(engine, device) for a simulation: auto picks the vectorized engine wherever it applies; the
+    Node engine runs on the CPU only, and alone runs the asynchronous schedule (each node acts at
+    its own moments, which no batch of all nodes shares)."""
     device = resolve_device(cfg.device)
-    engine = "vectorized" if cfg.engine == "auto" else cfg.engine
+    asynchronous = cfg.gossip.schedule == "async"
+    if asynchronous and cfg.engine == "vectorized":
+        raise ConfigError("gossip.schedule = 'async' needs engine = 'nodes' (or 'auto'): the vectorized engine "
+                          "steps all nodes at once, and asynchronous nodes act at their own moments")
+    engine = ("nodes" if asynchronous else "vectorized") if cfg.engine == "auto" else cfg.engine
     if engine == "nodes" and device.type != "cpu":
         if cfg.device != "auto":
             raise ConfigError(f"device = {cfg.device!r} needs engine = 'vectorized' (the Node engine runs on the CPU)")
@@ -104,6 +123,9 @@ def choose_engine(cfg: ExperimentConfig) -> tuple[str, torch.device]:
 
 
 def build_engine(experiment: Experiment, engine: str, device: torch.device) -> Engine:
+    if experiment.cfg.gossip.schedule == "async":
+        from .virtual_clock import VirtualClockEngine
+        return VirtualClockEngine(experiment)
     if engine == "nodes":
         return NodeEngine(experiment)
     from .vectorized import VectorizedEngine
@@ -131,6 +153,9 @@ class Simulation:
         """Continue an interrupted simulation from its newest checkpoint, with its own config."""
         run_dir = Path(run_dir)
         sim = cls(config.load(run_dir / "config.toml"), run_dir, progress)
+        if not sim.engine.resumable:
+            raise RunDirError(f"{run_dir}: gossip.schedule = {sim.cfg.gossip.schedule!r} simulations cannot be "
+                              f"resumed (letters in flight on the virtual clock are not checkpointed)")
         saved = checkpoint.load_latest(run_dir / CHECKPOINTS, sim.layout)
         if saved is None:
             raise RunDirError(f"{run_dir} has no checkpoint to resume from (deploy.checkpoint_every = "
@@ -148,17 +173,14 @@ class Simulation:
 
     def step(self, round_index: int) -> tuple[float, float]:
         """One round for all nodes; returns (mean train loss, seconds spent in local training)."""
-        start = time.perf_counter()
-        loss = self.engine.train(round_index)
-        train_seconds = time.perf_counter() - start
-        self.engine.exchange(self.experiment.plan(round_index))
-        return loss, train_seconds
+        return self.engine.step(self.experiment.plan(round_index))
 
     def run(self) -> dict[str, Any]:
         """Run (or continue) to the last round; the summary's status says whether it got there."""
         writer = RunWriter(self.run_dir, self.experiment.resolved_config(), keep_rounds=self.start_round)
         write_weights(self.run_dir, self.experiment)
-        rounds, every, keep = self.cfg.rounds, self.cfg.eval.every, self.cfg.deploy.checkpoint_every
+        rounds, every = self.cfg.rounds, self.cfg.eval.every
+        keep = self.cfg.deploy.checkpoint_every if self.engine.resumable else 0
         start = time.perf_counter() - self.wall_before
         bar = tqdm(range(self.start_round, rounds), desc=f"{self.cfg.name} ({self.experiment.n} nodes, "
                    f"{self.engine_name})", unit="round", disable=not self.progress, initial=self.start_round,

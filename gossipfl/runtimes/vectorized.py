@@ -22,11 +22,14 @@ from ..algorithms.robust import FilterInput
 from ..algorithms.schedule import Broadcast, Pair, RoundPlan, pair_batches
 from ..algorithms.train import LocalTraining, StackedBatch, StackedGradient, learning_rate, local_batches
 from ..experiment import Experiment
+from .sim import lock_step
 
 GATHER_BYTES = 256 << 20  # received rows gathered at once on the guarded path
 
 
 class VectorizedEngine:
+    resumable = True
+
     def __init__(self, experiment: Experiment, device: torch.device):
         reuse_large_allocations()  # per-step N x d gradients and gathers would each fault in fresh pages
         cfg, n = experiment.cfg, experiment.n
@@ -96,6 +99,9 @@ class VectorizedEngine:
         losses = self.training.run(self.batches(round_index), self.gradient, learning_rate(self.cfg.train, round_index))
         self.rolled_back += keep_finite(self.x, self.spare)
         return float(losses.mean())
+
+    def step(self, plan: RoundPlan) -> tuple[float, float]:
+        return lock_step(self, plan)
 
     # -- gossip
 

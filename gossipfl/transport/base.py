@@ -46,6 +46,11 @@ class Transport(ABC):
         """Messages of this (kind, round, step) from `senders`; returns when all arrived or the
         step's deadline passed, so a missing sender is simply absent from the result."""
 
+    def drain(self, kind: str) -> dict[int, Message]:
+        """Without waiting: everything of `kind` that arrived since the last drain, the newest
+        message per sender (asynchronous gossip merges what is there and never blocks)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support asynchronous gossip")
+
     def newest_round(self, kind: str) -> int:
         """The newest round of `kind` seen among messages held for later steps (-1 if none): how a
         node that was down learns that its neighbours have moved on."""

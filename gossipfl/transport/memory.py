@@ -19,6 +19,10 @@ class MemoryNetwork:
     def endpoint(self, node: int) -> "MemoryTransport":
         return MemoryTransport(self, node)
 
+    def deliver(self, dst: int, message: Message) -> None:
+        """Put `message` in `dst`'s mailbox (a timed network delays this)."""
+        self.mailboxes[dst][(message.kind, message.round, message.step)][message.sender] = message
+
 
 class MemoryTransport(Transport):
     def __init__(self, network: MemoryNetwork, node: int):
@@ -26,9 +30,19 @@ class MemoryTransport(Transport):
         self.network, self.node = network, node
 
     def send(self, dst: int, message: Message) -> None:
-        self.network.mailboxes[dst][(message.kind, message.round, message.step)][message.sender] = message
+        self.network.deliver(dst, message)
         self._count(message)
 
     def receive(self, kind: str, round_index: int, step: int, senders: set[int]) -> dict[int, Message]:
         box = self.network.mailboxes[self.node].pop((kind, round_index, step), {})
         return {s: m for s, m in box.items() if s in senders}
+
+    def drain(self, kind: str) -> dict[int, Message]:
+        """See `Transport.drain`."""
+        box = self.network.mailboxes[self.node]
+        newest: dict[int, Message] = {}
+        for key in [k for k in box if k[0] == kind]:
+            for sender, message in box.pop(key).items():
+                if sender not in newest or (message.round, message.step) > (newest[sender].round, newest[sender].step):
+                    newest[sender] = message
+        return newest
