@@ -60,10 +60,14 @@ def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device, like.dtype)[:, None]
 
 
+def _where_honest(batch: AttackInput, sent: torch.Tensor) -> torch.Tensor:
+    """`sent` for pairs whose receiver has honest neighbours, `target` for the others."""
+    return torch.where((batch.honest_count > 0).to(sent.device)[:, None], sent, batch.target)
+
+
 def _towards_honest(batch: AttackInput, factor: torch.Tensor) -> torch.Tensor:
     """target + factor * (honest_mean - target) per pair, and target where nothing is honest."""
-    sent = torch.lerp(batch.target, batch.honest_mean, _column(factor, batch.target))
-    return torch.where(_column(batch.honest_count > 0, batch.target).bool(), sent, batch.target)
+    return _where_honest(batch, torch.lerp(batch.target, batch.honest_mean, _column(factor, batch.target)))
 
 
 class SignFlip:
@@ -138,8 +142,7 @@ class ALittleIsEnough:
         self.z = alie_z(nodes, attackers) if z is None else z
 
     def __call__(self, batch: AttackInput) -> torch.Tensor:
-        sent = batch.honest_mean - self.z * batch.honest_std
-        return torch.where(_column(batch.honest_count > 0, batch.target).bool(), sent, batch.target)
+        return _where_honest(batch, batch.honest_mean - self.z * batch.honest_std)
 
 
 class InnerProductManipulation:

