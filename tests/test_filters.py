@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from gossipfl.algorithms.merge import Merger, weighted_mean
-from gossipfl.algorithms.robust import (FILTERS, Bristle, ClippedGossip, CoordinateMedian, FilterContext,
+from gossipfl.algorithms.robust import (FILTERS, Balance, Bristle, ClippedGossip, CoordinateMedian, FilterContext,
                                         FilterInput, Krum, TrimmedMean, bristle_weights, class_rows,
                                         recall_per_class, resolve_filter, sorting_network)
 from gossipfl.params import FlatModel, StackedModule
@@ -208,6 +208,32 @@ def test_krum_picks_an_honest_model_when_attackers_are_fewer_than_n_minus_3_over
         kept = [x for x, w in zip([own] + others, out.weights[0].tolist()) if w > 0]
         assert len(kept) == m and all(any(x is h for h in honest) for x in kept)
         assert out.suspicion[0, len(honest) - 1:].tolist() == [1.0] * f
+
+
+def test_krum_scores_by_the_n_minus_f_minus_2_nearest_on_a_hand_computed_example():
+    # n = 5, f = 1: each score sums the 2 nearest squared distances:
+    # 0: 0.25 + 9 = 9.25, 0.5: 0.25 + 6.25 = 6.5, 3: 0.04 + 0.16 = 0.2, 3.2: 0.04 + 0.04 = 0.08, 3.4: 0.2
+    # (summing all 4 distances would pick 3: 15.45 against 17.61 for 3.2)
+    own = torch.tensor([[0.0]])
+    received = [torch.tensor([[v]]) for v in (0.5, 3.0, 3.2, 3.4)]
+    out = call(Krum(f=1, m=1), own, received, torch.full((1, 5), 0.2))
+    assert float(merged(out, own)) == pytest.approx(3.2) and out.weights[0, 0] == 0
+    out = call(Krum(f=1, m=3), own, received, torch.full((1, 5), 0.2))
+    assert float(merged(out, own)) == pytest.approx(3.2) and out.suspicion.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_balance_accepts_within_a_radius_that_shrinks_over_the_run():
+    own = torch.tensor([[10.0, 0.0]])
+    received = [torch.tensor([[11.0, 0.0]]), torch.tensor([[10.0, 2.0]]), torch.tensor([[10.0, -1.8]])]
+    weights = torch.tensor([[0.4, 0.2, 0.2, 0.2]], dtype=torch.float64)
+    # round 5 of 10: 0.3 * exp(-0.5) * ||own|| = 1.82 admits the distances 1 and 1.8, not 2
+    out = call(Balance(rounds=10), own, received, weights, round=5)
+    assert out.weights.tolist() == [[0.4, 0.2, 0.0, 0.2]] and out.suspicion.tolist() == [[0.0, 1.0, 0.0]]
+    out = call(Balance(rounds=10, alpha=0.5), own, received, weights, round=5)
+    assert out.weights.tolist() == [[0.5, 0.25, 0.0, 0.25]]
+    # at the last round the radius is 0.3 * exp(-1) * 10 = 1.10: only the distance 1 remains
+    out = call(Balance(rounds=10), own, received, weights, round=10)
+    assert out.suspicion.tolist() == [[0.0, 1.0, 1.0]]
 
 
 def test_bristle_returns_the_node_s_own_model_when_every_received_model_equals_it(mlp, context):

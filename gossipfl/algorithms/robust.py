@@ -461,13 +461,13 @@ class Bristle:
     Integrator (`integrate`): `recall(rows, models)` gives each kept model's recall on each class on
     the node's validation split (NaN for a class absent there). For a class c present there, with
     r_i, r_j the node's and sender j's recall: d = 10 |r_j - r_i|, score s = d^(3 + r_i) if r_j >
-    r_i else -d^(4 + r_i), bounded below at -100; certainty_j = max(0, mean - std of j's recalls
-    over the present classes); weight w_jc = certainty_j * max(0, 10 sigmoid(s / 100) - 4). The
+    r_i else -d^(4 + r_i); certainty_j = max(0, mean - std of j's recalls over the present
+    classes); weight w_jc = certainty_j * max(0, 10 sigmoid(s / 100) - 4) (0 below s = -40.5, so
+    the reference's bound of s at -100 changes nothing and is left out). The
     rows producing logit c (last-layer weight row and bias) become x_i + sum_j w_jc (x_j - x_i) /
     (1 + sum_j w_jc): the node weighs itself 1. A class absent from the split, and (departure)
     every parameter outside the class rows, gets the reference code's per-sender weight for
-    classes it cannot judge: w_j = certainty_j * max(0, 10 sigmoid(sum_c s_jc / 100) - 4) with the
-    unbounded scores. Bristle exchanges only the last layer over a frozen shared feature extractor,
+    classes it cannot judge: w_j = certainty_j * max(0, 10 sigmoid(sum_c s_jc / 100) - 4). Bristle exchanges only the last layer over a frozen shared feature extractor,
     where those parameters are equal everywhere and this changes nothing; with whole models it
     keeps a sender that is worse on every class out of the feature layers too. Departure: the
     reference's "sequential attack" penalty, which charges a sender for the recalls of the senders
@@ -563,7 +563,7 @@ def bristle_weights(recall: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Te
     def weight(s: torch.Tensor) -> torch.Tensor:
         return (10 * torch.sigmoid(s / 100) - 4).clamp_min(0)
 
-    class_weight = certainty[:, :, None] * weight(score.clamp_min(-100)) * familiar
+    class_weight = certainty[:, :, None] * weight(score) * familiar
     sender_weight = certainty * weight(score.sum(dim=2))
     return class_weight, sender_weight
 
