@@ -13,6 +13,9 @@ INIT_ROUND = 2**31      # a "round" no run reaches: its seed draws initial weigh
 POISSON_STREAM = 2**31  # a "node" id no graph has: its seeds draw a round's Poisson firings
 EVAL_STREAM = 2**31 + 1  # a "node" id no graph has: its seed draws the evaluated nodes and test examples
 TIMING_STREAM = 2**31 + 2  # a "node" id no graph has: its seeds draw simulated compute times and latencies
+FILTER_STREAM = 2**31 + 3  # a "node" id no graph has: its seeds draw Bristle's random picks
+ATTACK_STREAM = 2**31 + 4  # a "node" id no graph has: its seeds draw the attackers' noise
+PLACEMENT_STREAM = 2**31 + 5  # a "node" id no graph has: its seed places the attackers
 
 
 def round_seed(*parts: int) -> int:
