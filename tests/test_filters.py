@@ -336,7 +336,7 @@ def filter_inputs(flat):
 CASES = [("median", {}), ("trimmed_mean", {"b": 1}), ("trimmed_mean", {"fraction": 0.3}),
          ("krum", {"f": 2, "m": 2}), ("clipped_gossip", {}), ("clipped_gossip", {"tau": 0.1}),
          ("balance", {}), ("balance", {"alpha": 0.5}), ("bristle", {"closest": 3, "random": 1}),
-         ("bristle", {"closest": 2, "random": 2, "integrate": False})]
+         ("bristle", {"closest": 4, "random": 1, "integrate": False})]
 
 
 @pytest.fixture(params=CASES, ids=[f"{name}{params or ''}" for name, params in CASES])
