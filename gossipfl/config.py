@@ -182,18 +182,67 @@ class EvalConfig:
 
 @dataclass
 class RobustConfig:
-    """What an honest node does with received vectors before it merges them."""
+    """What an honest node does with received vectors before it merges them: the distance guard,
+    then the filters in order (each a name in algorithms/robust.FILTERS or package.module:function)."""
+    filters: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # per filter its parameters: {krum = {f = 2}}
     guard: str = "auto"          # distance guard: auto = on for network input (node processes), off in simulation
     guard_factor: float = 10.0   # accept up to this many times the median of recent honest distances
     guard_max_relative: float = 10.0  # and never more than this many times the node's own norm
     guard_window: int = 32       # recent accepted distances the median is taken over
+    validation_fraction: float = 0.1  # share of each node's data held out for filters that judge models (bristle)
 
     def validate(self) -> None:
-        from .algorithms.robust import GUARD_MODES
+        from torch import nn
+
+        from .algorithms.robust import GUARD_MODES, FilterContext, resolve_filter
+        from .params import FlatModel
         _choice("robust.guard", self.guard, GUARD_MODES)
+        stand_in = FilterContext(FlatModel(nn.Linear(2, 2)).layout, recall=lambda nodes, models: models)
+        for name in self.options:
+            if name not in self.filters:
+                raise ConfigError(f"robust.options.{name}: no filter {name!r} in robust.filters = {self.filters}")
+        for name in self.filters:
+            options = self.options.get(name, {})
+            if not isinstance(options, dict):
+                raise ConfigError(f"robust.options.{name} = {options!r} must be a table of parameters")
+            try:  # built with a stand-in model and recall: what is checked here is the name and the parameters
+                resolve_filter(name, 1, stand_in, **options)
+            except ValueError as exc:
+                raise ConfigError(f"robust.filters: {exc}") from None
         _positive("robust.guard_factor", self.guard_factor)
         _positive("robust.guard_max_relative", self.guard_max_relative)
         _positive("robust.guard_window", self.guard_window)
+        _in_range("robust.validation_fraction", self.validation_fraction, 0.0, 0.9)
+
+
+@dataclass
+class ByzantineConfig:
+    """Attackers, to evaluate filters against: which nodes misbehave and how. The rest are honest,
+    and the metrics that matter are theirs."""
+    attack: str = ""             # "" = none; a name in algorithms/attacks.ATTACKS or package.module:function
+    fraction: float = 0.0        # share of the nodes that attack, placed at random from the seed
+    nodes: list[int] = field(default_factory=list)  # or exactly these node ids
+    options: dict[str, Any] = field(default_factory=dict)  # the attack's parameters: {epsilon = 0.5}
+    suspect_threshold: float = 0.5  # a peer whose mean suspicion reaches this is reported as suspected
+
+    def validate(self) -> None:
+        from .algorithms.attacks import resolve_attack
+        _in_range("byzantine.fraction", self.fraction, 0.0, 1.0)
+        _in_range("byzantine.suspect_threshold", self.suspect_threshold, 0.0, 1.0)
+        if any(i < 0 for i in self.nodes) or len(set(self.nodes)) != len(self.nodes):
+            raise ConfigError(f"byzantine.nodes = {self.nodes} must be distinct node ids >= 0")
+        if self.nodes and self.fraction:
+            raise ConfigError("byzantine.nodes and byzantine.fraction both place attackers: give one of them")
+        if (self.nodes or self.fraction) and not self.attack:
+            raise ConfigError("byzantine.attack is empty: name the attack the byzantine.nodes or fraction mount")
+        if self.attack:
+            try:
+                resolve_attack(self.attack, **self.options)
+            except ValueError as exc:
+                raise ConfigError(f"byzantine.attack: {exc}") from None
+        elif self.options:
+            raise ConfigError("byzantine.options given without byzantine.attack")
 
 
 @dataclass
@@ -258,6 +307,7 @@ class ExperimentConfig:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    byzantine: ByzantineConfig = field(default_factory=ByzantineConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
@@ -313,6 +363,8 @@ def _coerce(name: str, value: Any, default: Any, kind: Any) -> Any:
     elif isinstance(default, list):
         (item,) = get_args(kind)
         ok = isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+    elif isinstance(default, dict):  # a table of parameters, checked by whatever takes them
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
     else:  # pragma: no cover - every field has one of the types above
         ok = True
     if not ok:

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import networkx as nx
 import numpy as np
@@ -19,15 +19,16 @@ import torch
 from . import data, models
 from .algorithms import schedule
 from .algorithms.merge import Merger
-from .algorithms.robust import DistanceGuard
+from .algorithms.attacks import Attack, AttackContext, resolve_attack
+from .algorithms.robust import DistanceGuard, FilterChain, FilterContext, resolve_filter
 from .algorithms.schedule import RoundPlan
 from .algorithms.train import LocalTraining, learning_rate, local_batches, module_gradient
 from .config import ConfigError, ExperimentConfig
 from .graph import mixing, sdp, topology, weights
-from .metrics import Evaluator
+from .metrics import Evaluator, ValidationRecall, suspects
 from .params import FlatModel, Layout, StackedModule
 from .runtimes.node import Node
-from .seeding import INIT_ROUND, round_seed
+from .seeding import INIT_ROUND, PLACEMENT_STREAM, VALIDATION_STREAM, round_seed
 from .transport import Transport
 
 class Experiment:
@@ -99,15 +100,87 @@ class Experiment:
                          synthetic=(d.synthetic_samples, d.synthetic_features, d.synthetic_classes))
 
     @cached_property
-    def parts(self) -> list[np.ndarray]:
+    def partition(self) -> list[np.ndarray]:
+        """Each node's share of the training set."""
         d = self.cfg.data
         return data.partition(self.dataset.y_train.numpy(), self.n, d.partition, seed=self.cfg.seed,
                               alpha=d.alpha, shards_per_node=d.shards_per_node)
 
     @cached_property
+    def needs_validation(self) -> bool:
+        """Whether a filter judges models on a local validation split (Bristle's integrator)."""
+        r = self.cfg.robust
+        return "bristle" in r.filters and r.options.get("bristle", {}).get("integrate", True)
+
+    @cached_property
+    def validation_parts(self) -> list[np.ndarray]:
+        """Each node's validation split: robust.validation_fraction of its share (at least one
+        sample), held out of training; empty unless a filter needs it."""
+        if not self.needs_validation:
+            return [np.empty(0, dtype=np.int64) for _ in range(self.n)]
+        rng = np.random.default_rng(round_seed(self.cfg.seed, VALIDATION_STREAM))
+        fraction = self.cfg.robust.validation_fraction
+        return [np.sort(rng.choice(p, max(1, int(len(p) * fraction)), replace=False)) for p in self.partition]
+
+    @cached_property
+    def parts(self) -> list[np.ndarray]:
+        """The samples each node trains on: its share without its validation split."""
+        return [np.setdiff1d(p, v, assume_unique=True) for p, v in zip(self.partition, self.validation_parts)]
+
+    @cached_property
     def local_test_parts(self) -> list[np.ndarray]:
-        return data.local_test_split(self.parts, self.dataset.y_train.numpy(), self.dataset.y_test.numpy(),
+        return data.local_test_split(self.partition, self.dataset.y_train.numpy(), self.dataset.y_test.numpy(),
                                      seed=self.cfg.seed)
+
+    # -- attackers, for evaluating filters
+
+    @cached_property
+    def attackers(self) -> list[int]:
+        """The Byzantine nodes: byzantine.nodes, or byzantine.fraction of them placed from the seed."""
+        b = self.cfg.byzantine
+        if any(i >= self.n for i in b.nodes):
+            raise ConfigError(f"byzantine.nodes = {b.nodes} names a node beyond the {self.n} nodes (ids 0..{self.n - 1})")
+        if b.nodes:
+            return sorted(b.nodes)
+        count = round(b.fraction * self.n)
+        rng = np.random.default_rng(round_seed(self.cfg.seed, PLACEMENT_STREAM))
+        return sorted(rng.choice(self.n, count, replace=False).tolist())
+
+    @property
+    def honest(self) -> list[int]:
+        bad = set(self.attackers)
+        return [i for i in range(self.n) if i not in bad]
+
+    @cached_property
+    def attack(self) -> Attack | None:
+        b = self.cfg.byzantine
+        if not self.attackers:
+            return None
+        return resolve_attack(b.attack, AttackContext(self.n, len(self.attackers)), **b.options)
+
+    def misbehaviour(self, observations: dict[tuple[int, int], tuple[int, float]]) -> dict[str, Any]:
+        """The run summary's account of who attacked and who was suspected of it."""
+        report = suspects(observations, self.cfg.byzantine.suspect_threshold, self.attackers)
+        return {"attackers": self.attackers, **report}
+
+    def recall(self, device: torch.device | str = "cpu") -> ValidationRecall:
+        """Bristle's judge: models' per-class recall on each node's validation split."""
+        held_out = np.concatenate(self.validation_parts)
+        position = {int(i): k for k, i in enumerate(held_out.tolist())}
+        local = [np.array([position[int(i)] for i in v], dtype=np.int64) for v in self.validation_parts]
+        index = torch.from_numpy(held_out)
+        return ValidationRecall(self.stacked_model(training=False), self.dataset.train_inputs(index).to(device),
+                                self.dataset.y_train[index], local)
+
+    def filters(self, population: int, network: bool, device: torch.device | str = "cpu") -> FilterChain:
+        """What an honest node applies to what it received: the guard (where `guarded`), then
+        robust.filters in order, for a population of `population` nodes."""
+        r = self.cfg.robust
+        context = FilterContext(self.build_model(0).layout, self.cfg.rounds, self.cfg.seed,
+                                self.recall(device) if self.needs_validation else None)
+        chain = [self.guard(population)] if self.guarded(network) else []
+        chain += [resolve_filter(name, population, context, **r.options.get(name, {})) for name in r.filters]
+        return FilterChain(chain)
 
     def resolved_config(self) -> ExperimentConfig:
         """The config with "auto" choices replaced by what was actually used."""
@@ -132,13 +205,13 @@ class Experiment:
 
     def evaluator(self, device: torch.device | str = "cpu") -> Evaluator:
         return Evaluator(self.stacked_model(training=False), self.dataset, self.local_test_parts, self.cfg.eval,
-                         self.cfg.seed, device)
+                         self.cfg.seed, device, population=self.honest)
 
     def guarded(self, network: bool) -> bool:
         """Whether the distance guard filters received vectors: robust.guard = auto guards what comes
-        from a network (node processes) and trusts an in-process simulation."""
+        from a network (node processes) or from attackers, and trusts an honest in-process simulation."""
         mode = self.cfg.robust.guard
-        return mode == "on" or (mode == "auto" and network)
+        return mode == "on" or (mode == "auto" and (network or bool(self.attackers)))
 
     def guard(self, population: int) -> DistanceGuard:
         r = self.cfg.robust
@@ -159,13 +232,16 @@ class Experiment:
         if len(part) == 0:
             raise ValueError(f"node {node} has no training data")
         x, y, t = self.dataset.train_inputs(part), self.dataset.y_train[part], self.cfg.train
+        attack = self.attack if node in self.attackers else None
+        if attack is not None and attack.label_map is not None:
+            y = attack.label_map(y, self.dataset.num_classes)
         training = LocalTraining(flat.params.view(1, -1), flat.grad.view(1, -1), t)
         return Node(node, flat, training,
                     batches=lambda r: local_batches(self.cfg.seed, node, r, len(y), t.local_steps, t.batch_size),
                     gradient=module_gradient(flat, x, y), lr=lambda r: learning_rate(t, r),
                     self_weight=float(self.mixing[node, node]), neighbour_weights=self.neighbour_weights(node),
                     transport=transport, merger=self.merger(flat.layout),
-                    guard=self.guard(1) if self.guarded(network) else None)
+                    filters=FilterChain([]) if attack else self.filters(1, network), attack=attack)
 
 
 def write_weights(run_dir: str | Path, experiment: Experiment) -> Path:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from .algorithms.robust import recall_per_class
 from .config import EvalConfig
 from .data import Dataset
 from .params import StackedModule
@@ -48,10 +49,13 @@ class Evaluator:
     slice, the average model's accuracy, and the consensus distance."""
 
     def __init__(self, stacked: StackedModule, dataset: Dataset, local_parts: list[np.ndarray], cfg: EvalConfig,
-                 seed: int, device: torch.device | str = "cpu"):
-        n = len(local_parts)
+                 seed: int, device: torch.device | str = "cpu", population: Sequence[int] | None = None):
+        """`population`: the nodes whose models count (the honest ones; default all)."""
+        self.population = np.arange(len(local_parts)) if population is None else np.asarray(population)
+        n = len(self.population)
         rng = np.random.default_rng(round_seed(seed, EVAL_STREAM))
-        self.nodes = (np.sort(rng.choice(n, cfg.nodes, replace=False)) if 0 < cfg.nodes < n else np.arange(n))
+        self.nodes = np.sort(self.population[rng.choice(n, cfg.nodes, replace=False)] if 0 < cfg.nodes < n
+                             else self.population)
         tests = len(dataset.y_test)
         test_index = (np.sort(rng.choice(tests, cfg.test_samples, replace=False))
                       if 0 < cfg.test_samples < tests else np.arange(tests))
@@ -96,12 +100,60 @@ class Evaluator:
             yield torch.arange(start, min(start + step, matrix.shape[0]), device=matrix.device), matrix[start:start + step]
 
     def evaluate(self, vectors: torch.Tensor) -> dict[str, Any]:
-        """The metrics of one evaluated round from all n nodes' vectors (n, d)."""
+        """The metrics of one evaluated round from all n nodes' vectors (n, d): of the population's
+        models (sampled per eval.nodes), their average model and their consensus distance."""
         sample = vectors[torch.from_numpy(self.nodes).to(vectors.device)]
         acc = self.accuracy(sample)
         local = self.local_accuracy(sample, self.nodes.tolist())
-        average = self.accuracy(vectors.mean(dim=0, keepdim=True))
+        members = vectors if len(self.population) == len(vectors) else \
+            vectors[torch.from_numpy(self.population).to(vectors.device)]
+        average = self.accuracy(members.mean(dim=0, keepdim=True))
         return {"accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
                 "accuracy_max": float(acc.max()), "accuracy_average_model": float(average[0]),
                 "accuracy_local_mean": float(np.nanmean(local.numpy())) if bool((~local.isnan()).any()) else None,
+                "consensus_distance": consensus_distance(members),
                 "eval_nodes": len(self.nodes), "eval_test_samples": len(self.y)}
+
+
+class ValidationRecall:
+    """Bristle's recall(nodes, models): the recall of each model on each class of its node's
+    validation split (NaN for a class absent there), all models of a batch in one batched call."""
+
+    def __init__(self, stacked: StackedModule, inputs: torch.Tensor, labels: torch.Tensor,
+                 validation_parts: list[np.ndarray]):
+        self.stacked = stacked
+        parts = [torch.from_numpy(p) for p in validation_parts]
+        self.index = pad_sequence(parts, batch_first=True)  # (N, L) sample indices, padded with 0
+        self.labels = torch.where(torch.arange(self.index.shape[1])[None, :] < torch.tensor([len(p) for p in parts])[:, None],
+                                  labels[self.index], -1)  # -1 marks padding
+        self.inputs = inputs
+
+    @torch.inference_mode()
+    def __call__(self, nodes: torch.Tensor, models: torch.Tensor) -> torch.Tensor:
+        b, m = models.shape[:2]
+        nodes = nodes.cpu()
+        x = self.inputs[self.index[nodes].to(self.inputs.device)]  # (B, L, ...)
+        x = x[:, None].expand(b, m, *x.shape[1:]).flatten(0, 1)
+        labels = self.labels[nodes].to(models.device)[:, None].expand(b, m, -1).flatten(0, 1)
+        return recall_per_class(self.stacked(models.flatten(0, 1), x), labels).view(b, m, -1)
+
+
+def suspects(observations: dict[tuple[int, int], tuple[int, float]], threshold: float,
+             attackers: Sequence[int] = ()) -> dict[str, Any]:
+    """Who misbehaved, from what honest nodes saw: `observations[(observer, sender)]` = (messages
+    received, summed suspicion). A sender's score is the mean over its observers of the share of
+    its messages their filters discarded; those at or above `threshold` are suspected. With the
+    attackers known (an evaluation run), the precision and recall of that list."""
+    per_sender: dict[int, list[float]] = {}
+    for (_, sender), (messages, suspicion) in sorted(observations.items()):
+        if messages:
+            per_sender.setdefault(sender, []).append(suspicion / messages)
+    scores = {s: float(np.mean(v)) for s, v in per_sender.items()}
+    suspected = sorted((s for s, score in scores.items() if score >= threshold), key=lambda s: -scores[s])
+    report: dict[str, Any] = {"suspected": [{"node": s, "score": round(scores[s], 4)} for s in suspected],
+                              "scores": {str(s): round(v, 4) for s, v in sorted(scores.items())}}
+    if attackers:
+        hits = len(set(suspected) & set(attackers))
+        report.update(suspects_precision=hits / len(suspected) if suspected else None,
+                      suspects_recall=hits / len(attackers))
+    return report

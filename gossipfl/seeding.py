@@ -16,6 +16,7 @@ TIMING_STREAM = 2**31 + 2  # a "node" id no graph has: its seeds draw simulated 
 FILTER_STREAM = 2**31 + 3  # a "node" id no graph has: its seeds draw Bristle's random picks
 ATTACK_STREAM = 2**31 + 4  # a "node" id no graph has: its seeds draw the attackers' noise
 PLACEMENT_STREAM = 2**31 + 5  # a "node" id no graph has: its seed places the attackers
+VALIDATION_STREAM = 2**31 + 6  # a "node" id no graph has: its seed draws the nodes' validation splits
 
 
 def round_seed(*parts: int) -> int:

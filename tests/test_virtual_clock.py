@@ -63,3 +63,12 @@ def test_the_vectorized_engine_refuses_async_and_auto_picks_nodes(small_config):
 def test_slow_nodes_must_exist(small_config):
     with pytest.raises(ConfigError, match="timing.slow"):
         Simulation(small_config(gossip__schedule="async", timing__slow=[17]), progress=False)
+
+
+def test_attackers_and_filters_run_on_the_virtual_clock(small_config, tmp_path):
+    cfg = small_config(rounds=3, gossip__schedule="async", byzantine__attack="sign_flip", byzantine__options={"scale": 5.0},
+                       byzantine__nodes=[1], robust__filters=["clipped_gossip"])
+    sim, lines = run(cfg, tmp_path, "attacked")
+    summary = json.loads((tmp_path / "attacked" / "summary.json").read_text())
+    assert summary["attackers"] == [1] and lines[-1]["flagged"] > 0
+    assert {(o, s) for o, s in sim.engine.observations()} >= {(0, 1), (2, 1)}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -52,6 +52,41 @@ class AttackInput:
     byzantine_weight: torch.Tensor
     honest_count: torch.Tensor
     seed: int = 0
+
+
+def pair_inputs(round_index: int, step: int, seed: int, receivers: torch.Tensor, target: torch.Tensor,
+                received: Sequence[torch.Tensor], weights: torch.Tensor, senders: torch.Tensor,
+                byzantine: torch.Tensor, round_start: Callable[[int], torch.Tensor]) -> tuple[AttackInput, torch.Tensor]:
+    """The AttackInput of every (Byzantine sender, receiver) pair among B receivers, and where
+    each pair's vector goes: (P, 2) (receiver row b, slot k).
+
+    `target` (B, d) are the receivers' vectors; `received` K tensors of (B, d) what each slot's
+    sender would send honestly (a Byzantine slot: the attacker's own vector); `weights` (B, K + 1)
+    the receivers' mixing weights (0 for an absent slot); `senders` (B, K) the slots' node ids;
+    `byzantine` (B, K) which slots are attackers; `round_start(attacker)` that attacker's vector
+    before the round's training, (d,). Every runtime builds its
+    pairs here: simulations from every node's current vector (omniscient), an attacker process from
+    what it received."""
+    w = weights[:, 1:].to(target.device, torch.float64)
+    present = w > 0
+    byzantine = byzantine.to(target.device) & present
+    honest = present & ~byzantine
+    hw = torch.where(honest, w, 0.0)
+    honest_weight = hw.sum(dim=1)
+    share = (hw / honest_weight.clamp_min(1e-300)[:, None]).to(target.dtype)
+    mean = sum(share[:, k:k + 1] * x for k, x in enumerate(received)) if received else torch.zeros_like(target)
+    var = sum(share[:, k:k + 1] * (x - mean) ** 2 for k, x in enumerate(received)) if received else mean
+    slots = byzantine.nonzero()
+    b, k = slots[:, 0], slots[:, 1]
+    attackers = senders.to(target.device)[b, k]
+    stack = lambda rows: torch.stack(rows) if rows else target[:0]  # noqa: E731
+    batch = AttackInput(
+        round=round_index, step=step, attackers=attackers, receivers=receivers.to(target.device)[b],
+        own=stack([received[j][i] for i, j in slots.tolist()]),
+        round_start=stack([round_start(a) for a in attackers.tolist()]), target=target[b], honest_mean=mean[b],
+        honest_std=var.clamp_min(0).sqrt()[b], honest_weight=honest_weight[b],
+        byzantine_weight=torch.where(byzantine, w, 0.0).sum(dim=1)[b], honest_count=honest.sum(dim=1)[b], seed=seed)
+    return batch, slots
 
 
 def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ sender with weight 0 is ignored, whatever its row holds):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -64,7 +64,40 @@ class FilterOutput:
 
 
 Filter = Callable[[FilterInput], FilterOutput]
-Recall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Recall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (nodes (B,), models (B, M, d)) -> (B, M, C)
+
+
+class FilterChain:
+    """Filters applied in order, each to the previous one's output. A sender's suspicion is the
+    largest any filter gave it while the slots were still the senders; once a filter has replaced
+    them by an aggregate, later filters' suspicion concerns that aggregate and is not charged."""
+
+    def __init__(self, filters: Sequence[Filter]):
+        self.filters = list(filters)
+
+    def __bool__(self) -> bool:
+        return bool(self.filters)
+
+    def state(self) -> list[dict | None]:
+        """What a checkpoint keeps: the state of each filter that learns (the guard's history)."""
+        return [rule.state() if hasattr(rule, "state") else None for rule in self.filters]
+
+    def load_state(self, state: list[dict | None]) -> None:
+        for rule, saved in zip(self.filters, state):
+            if saved is not None:
+                rule.load_state(saved)
+
+    def __call__(self, batch: FilterInput) -> FilterOutput:
+        k = len(batch.received)
+        suspicion = torch.zeros(batch.own.shape[0], k, dtype=torch.float64)
+        received, weights, slots_are_senders = batch.received, batch.weights, True
+        for rule in self.filters:
+            out = rule(replace(batch, received=received, weights=weights))
+            if slots_are_senders:
+                suspicion = torch.maximum(suspicion, out.suspicion.to(suspicion))
+            received, weights = out.received, out.weights
+            slots_are_senders = slots_are_senders and len(received) == k
+        return FilterOutput(received, weights, suspicion)
 
 
 # -- shared pieces
@@ -466,7 +499,7 @@ class Bristle:
     `random` of the others drawn uniformly, keyed on (seed, node, round, step, sender) so that every
     runtime draws alike; the rest get weight 0 (suspicion 1).
 
-    Integrator (`integrate`): `recall(rows, models)` gives each kept model's recall on each class on
+    Integrator (`integrate`): `recall(nodes, models)` gives each kept model's recall on each class on
     the node's validation split (NaN for a class absent there). For a class c present there, with
     r_i, r_j the node's and sender j's recall: d = 10 |r_j - r_i|, score s = d^(3 + r_i) if r_j >
     r_i else -d^(4 + r_i); certainty_j = max(0, mean - std of j's recalls over the present
@@ -529,7 +562,8 @@ class Bristle:
         stacked = torch.stack(list(batch.received), dim=1)
         peers = stacked.gather(1, slots[:, :, None].expand(-1, -1, own.shape[1]))
         peers = torch.where(valid[:, :, None], peers, own[:, None])  # padding: the node itself, weight 0
-        recall = self.recall(batch.rows, torch.cat([own[:, None], peers], dim=1))
+        nodes = batch.rows if batch.nodes is None else batch.nodes
+        recall = self.recall(nodes, torch.cat([own[:, None], peers], dim=1))
         if tuple(recall.shape) != (own.shape[0], m + 1, self.rows.shape[0]):
             raise ValueError(f"bristle: recall returned shape {tuple(recall.shape)}, expected "
                              f"({own.shape[0]}, {m + 1}, {self.rows.shape[0]})")

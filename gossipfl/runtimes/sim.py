@@ -16,13 +16,14 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from ..algorithms.attacks import pair_inputs
 from ..algorithms.schedule import Broadcast, RoundPlan
 from .. import checkpoint, config
 from ..config import ConfigError, ExperimentConfig
 from ..experiment import Experiment, write_weights
-from ..metrics import consensus_distance
 from ..rundir import RunDirError, RunWriter, new_run_dir
 from ..transport import MemoryNetwork
+from .node import MODEL
 
 CHECKPOINTS = "checkpoints"
 
@@ -33,6 +34,7 @@ class Engine(Protocol):
     def step(self, plan: RoundPlan) -> tuple[float, float]: ...  # one round: (mean loss, seconds training)
     def vectors(self) -> torch.Tensor: ...                    # (N, d) node vectors (a view or a copy)
     def counters(self) -> dict[str, Any]: ...                 # bytes sent, drops, clips, rollbacks
+    def observations(self) -> dict[tuple[int, int], tuple[int, float]]: ...  # what filters saw, for `suspects`
     resumable: bool                                           # whether state() holds all of it between rounds
     def state(self) -> dict[str, Any]: ...                    # JSON-safe state beside the vectors
     def restore(self, vectors: torch.Tensor, state: dict[str, Any]) -> None: ...  # from a checkpoint
@@ -48,36 +50,66 @@ def lock_step(engine: Any, plan: RoundPlan) -> tuple[float, float]:
 
 
 class NodeEngine:
-    """One Node per participant over the memory transport."""
+    """One Node per participant over the memory transport. Attackers (byzantine.*) send what their
+    attack makes of every node's current vectors: omniscient, the hardest case."""
 
     resumable = True  # state() and restore() hold all of it between rounds
 
-    def __init__(self, experiment: Experiment):
-        self.network = MemoryNetwork()
+    def __init__(self, experiment: Experiment, network: MemoryNetwork | None = None):
+        self.network = MemoryNetwork() if network is None else network
         self.nodes = [experiment.make_node(i, self.network.endpoint(i), network=False) for i in range(experiment.n)]
+        self.honest, self.attackers, self.seed = experiment.honest, set(experiment.attackers), experiment.cfg.seed
 
     def step(self, plan: RoundPlan) -> tuple[float, float]:
         return lock_step(self, plan)
 
     def train(self, round_index: int) -> float:
-        return sum(node.train(round_index) for node in self.nodes) / len(self.nodes)
+        losses = {node.id: node.train(round_index) for node in self.nodes}
+        return sum(losses[i] for i in self.honest) / len(self.honest)
+
+    def attack_vectors(self, receiver: int, round_index: int, step: int) -> dict[int, torch.Tensor]:
+        """What each attacker next to `receiver` sends it now, by attacker id."""
+        node = self.nodes[receiver]
+        senders = sorted(node.neighbour_weights)
+        weights = torch.tensor([[node.self_weight, *(node.neighbour_weights[j] for j in senders)]], dtype=torch.float64)
+        batch, slots = pair_inputs(round_index, step, self.seed, torch.tensor([receiver]), node.vector.view(1, -1),
+                                   [self.nodes[j].vector.view(1, -1) for j in senders], weights,
+                                   torch.tensor([senders]), torch.tensor([[j in self.attackers for j in senders]]),
+                                   lambda a: self.nodes[a].round_start[0])
+        sent = self.nodes[senders[int(slots[0, 1])]].attack(batch) if len(slots) else None
+        return {senders[k]: sent[p].clone() for p, (_, k) in enumerate(slots.tolist())}
 
     def exchange(self, plan: RoundPlan) -> None:
         r = plan.round
         for e in plan.exchanges:
             if isinstance(e, Broadcast):
+                outgoing: dict[int, dict[int, torch.Tensor]] = {a: {} for a in self.attackers}
+                for i in self.honest:  # all from the vectors before anyone merges
+                    if self.attackers & self.nodes[i].neighbour_weights.keys():
+                        for a, vector in self.attack_vectors(i, r, e.step).items():
+                            outgoing[a][i] = vector
                 for node in self.nodes:
-                    node.send(r, e.step)
+                    if node.id in outgoing:
+                        node.send_vectors(MODEL, r, e.step, outgoing[node.id])
+                    else:
+                        node.send(r, e.step)
                 for node in self.nodes:
                     node.receive_and_merge(r, e.step)
             else:
                 owner, peer = self.nodes[e.owner], self.nodes[e.peer]
-                owner.request_pair(peer.id, r, e.seq)
-                peer.answer_pair(owner.id, r, e.seq)
+                towards_peer = self.attack_vectors(peer.id, r, e.seq).get(owner.id) if owner.attack else None
+                towards_owner = self.attack_vectors(owner.id, r, e.seq).get(peer.id) if peer.attack else None
+                owner.request_pair(peer.id, r, e.seq, vector=towards_peer)
+                peer.answer_pair(owner.id, r, e.seq, attack=None if towards_owner is None else lambda _: towards_owner)
                 owner.finish_pair(peer.id, r, e.seq)
 
     def vectors(self) -> torch.Tensor:
         return torch.stack([node.vector for node in self.nodes])
+
+    def observations(self) -> dict[tuple[int, int], tuple[int, float]]:
+        """(observer, sender) -> (messages merged, summed suspicion), as honest nodes saw them."""
+        return {(i, j): (c.messages[j], c.suspicion[j]) for i in self.honest
+                for c in [self.nodes[i].counters] for j in c.messages}
 
     def state(self) -> dict[str, Any]:
         return {"nodes": [node.state() for node in self.nodes]}
@@ -187,14 +219,14 @@ class Simulation:
                    total=rounds)
         extra = dict(nodes=self.experiment.n, dataset=self.experiment.dataset.name, run_dir=str(self.run_dir),
                      engine=self.engine_name, device=str(self.device))
+        report = lambda: self.experiment.misbehaviour(self.engine.observations())  # noqa: E731
         try:
             for r in bar:
                 round_start = time.perf_counter()
                 loss, train_seconds = self.step(r)
                 record: dict[str, Any] = {"round": r, "train_loss": loss}
                 if (r + 1) % every == 0 or r == rounds - 1:
-                    vectors = self.vectors()
-                    record.update(self.evaluator.evaluate(vectors), consensus_distance=consensus_distance(vectors))
+                    record.update(self.evaluator.evaluate(self.vectors()))
                     bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}", loss=f"{loss:.3f}")
                 record.update(self.engine.counters(), round_seconds=time.perf_counter() - round_start,
                               train_seconds=train_seconds, wall_seconds=time.perf_counter() - start)
@@ -202,9 +234,9 @@ class Simulation:
                 if keep and ((r + 1) % keep == 0 or r == rounds - 1):
                     checkpoint.save(self.run_dir / CHECKPOINTS, r, self.vectors(), self.layout,
                                     {"engine": self.engine.state(), "wall_seconds": record["wall_seconds"]})
-            return writer.write_summary(**extra)
+            return writer.write_summary(**extra, **report())
         except KeyboardInterrupt:
-            return writer.interrupt(**extra)
+            return writer.interrupt(**extra, **report())
         except BaseException as error:
             writer.fail(error)
             raise

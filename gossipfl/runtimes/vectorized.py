@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..algorithms.attacks import pair_inputs
 from ..algorithms.merge import keep_finite
 from ..allocation import reuse_large_allocations
 from ..algorithms.robust import FilterInput
@@ -46,17 +47,36 @@ class VectorizedEngine:
         self.grad = torch.zeros(n, layout.n_trainable, device=device)
         self.training = LocalTraining(self.x[:, :layout.n_trainable], self.grad, cfg.train)
         self.gradient = StackedGradient(experiment.stacked_model(training=True), layout, self.x, self.grad)
-        self._data(experiment)
         self._graph(experiment)
+        self._data(experiment)
         self.merger = experiment.merger(layout)
-        self.guard = experiment.guard(n) if experiment.guarded(network=False) else None
+        self.filters = experiment.filters(n, network=False, device=device)
+        self._attackers(experiment)
         self.bytes_sent = self.flagged = self.rolled_back = 0
+
+    def _attackers(self, experiment: Experiment) -> None:
+        n, k = self.n, self.neighbours.shape[1]
+        self.attack, self.seed = experiment.attack, experiment.cfg.seed
+        self.attacker_ids = torch.tensor(experiment.attackers, dtype=torch.long)
+        self.is_attacker = torch.zeros(n, dtype=torch.bool)
+        self.is_attacker[self.attacker_ids] = True
+        self.honest = torch.tensor(experiment.honest, dtype=torch.long)
+        self.attacker_slot = {a: i for i, a in enumerate(experiment.attackers)}
+        self.attacker_start = torch.empty(len(experiment.attackers), self.layout.size, device=self.device)
+        self.seen = torch.zeros(n, k, dtype=torch.long)       # messages each node merged, per sender slot
+        self.suspicion = torch.zeros(n, k, dtype=torch.float64)  # and their summed suspicion
+        self.filtered = bool(self.filters) or len(experiment.attackers) > 0
 
     def _data(self, experiment: Experiment) -> None:
         ds = experiment.dataset
         self.train_x = ds.train_inputs().to(self.device)
-        self.train_y = ds.y_train.to(self.device)
+        self.train_y = ds.y_train.clone()
         self.parts = [torch.from_numpy(p) for p in experiment.parts]
+        attack = experiment.attack
+        if attack is not None and attack.label_map is not None:  # data poisoning: the attackers' own labels
+            for a in experiment.attackers:
+                self.train_y[self.parts[a]] = attack.label_map(self.train_y[self.parts[a]], ds.num_classes)
+        self.train_y = self.train_y.to(self.device)
 
     def _graph(self, experiment: Experiment) -> None:
         w = torch.tensor(experiment.mixing, dtype=torch.float64)
@@ -96,9 +116,12 @@ class VectorizedEngine:
 
     def train(self, round_index: int) -> float:
         self.spare.copy_(self.x)
+        self.attacker_start.copy_(self.x[self.attacker_ids.to(self.device)])
         losses = self.training.run(self.batches(round_index), self.gradient, learning_rate(self.cfg.train, round_index))
+        if self.attack is not None and not self.attack.trains:  # free riders keep their vectors
+            self.x[self.attacker_ids.to(self.device)] = self.attacker_start
         self.rolled_back += keep_finite(self.x, self.spare)
-        return float(losses.mean())
+        return float(losses[self.honest].mean())
 
     def step(self, plan: RoundPlan) -> tuple[float, float]:
         return lock_step(self, plan)
@@ -111,17 +134,21 @@ class VectorizedEngine:
             if isinstance(e, Pair):
                 pairs.append(e)
                 continue
-            for run in pair_batches(pairs) if pairs else []:
-                self.pairs(run)
+            if self.filtered:  # filters and attacks see one exchange (one step) at a time
+                for pair in pairs:
+                    self.pairs([pair], plan.round)
+            else:
+                for run in pair_batches(pairs) if pairs else []:
+                    self.pairs(run, plan.round)
             pairs = []
             if isinstance(e, Broadcast):
-                self.broadcast()
+                self.broadcast(plan.round, e.step)
 
-    def broadcast(self) -> None:
+    def broadcast(self, round_index: int, step: int) -> None:
         """One lock-step gossip step for all nodes, into the spare buffer, then swap."""
         out = self.spare
-        if self.guard is not None:
-            self._gathered_step(out)
+        if self.filtered:
+            self._gathered_step(out, round_index, step)
         else:
             torch.addmm(out, self.w, self.x, beta=0, out=out)
             correction = self.merger.correction
@@ -135,39 +162,96 @@ class VectorizedEngine:
         self._bind()
         self.bytes_sent += self.step_bytes
 
-    def _gathered_step(self, out: torch.Tensor) -> None:
-        k = self.neighbours.shape[1]
-        step = max(1, GATHER_BYTES // (k * self.layout.size * 4))
-        for start in range(0, self.n, step):
-            rows = torch.arange(start, min(start + step, self.n))
-            own = self.x[rows]
-            received = self.x[self.neighbours[rows].to(self.device)].unbind(1)
-            weights = self.neighbour_weights[rows]
-            if self.guard is not None:
-                filtered = self.guard(FilterInput(rows, own, received, weights))
-                received, weights = filtered.received, filtered.weights
-                self.flagged += int((filtered.suspicion > 0).sum())
-            self.merger(own, received, weights, out=out[start:start + len(rows)])
+    def _gathered_step(self, out: torch.Tensor, round_index: int, step: int) -> None:
+        """Each chunk of nodes gathers its received rows, attackers' replaced by what they send, and
+        merges them as a Node does: honest nodes through their filters, attackers plainly."""
+        chunk = max(1, GATHER_BYTES // (self.neighbours.shape[1] * self.layout.size * 4))
+        for start in range(0, self.n, chunk):
+            rows = torch.arange(start, min(start + chunk, self.n))
+            own, received, weights, senders = self._gather(rows)
+            received = self._attacked(rows, own, received, weights, senders, round_index, step)
+            self._merge(rows, own, received, weights, senders, round_index, step, out[start:start + len(rows)])
 
-    def pairs(self, run: list[Pair]) -> None:
+    def _gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        senders = self.neighbours[rows]
+        return (self.x[rows.to(self.device)], list(self.x[senders.to(self.device)].unbind(1)),
+                self.neighbour_weights[rows], senders)
+
+    def _attacked(self, rows: torch.Tensor, own: torch.Tensor, received: list[torch.Tensor], weights: torch.Tensor,
+                  senders: torch.Tensor, round_index: int, step: int) -> list[torch.Tensor]:
+        """`received` with every attacker's slot towards an honest receiver replaced by what it sends."""
+        byzantine = self.is_attacker[senders] & ~self.is_attacker[rows][:, None]
+        if not bool(byzantine.any()):
+            return received
+        batch, slots = pair_inputs(round_index, step, self.seed, rows, own, received, weights, senders, byzantine,
+                                   lambda a: self.attacker_start[self.attacker_slot[a]])
+        sent = self.attack(batch)
+        received = list(received)
+        for column in slots[:, 1].unique().tolist():
+            received[column] = received[column].clone()  # copy on write: the gather may be shared
+        for p, (b, k) in enumerate(slots.tolist()):
+            received[k][b] = sent[p]
+        return received
+
+    def _merge(self, rows: torch.Tensor, own: torch.Tensor, received: list[torch.Tensor], weights: torch.Tensor,
+               senders: torch.Tensor, round_index: int, step: int, out: torch.Tensor) -> None:
+        honest = ~self.is_attacker[rows]
+        if not self.filters or not bool(honest.any()):
+            self.merger(own, received, weights, out=out)
+            return
+        h = honest.nonzero().flatten()
+        everyone = len(h) == len(rows)
+        part = (lambda t: t) if everyone else (lambda t: t[h.to(t.device)])  # noqa: E731
+        filtered = self.filters(FilterInput(rows[h], part(own), [part(x) for x in received], weights[h], round_index,
+                                            step, rows[h], senders[h]))
+        present = weights[h, 1:] > 0
+        self.seen[rows[h]] += present
+        self.suspicion[rows[h]] += torch.where(present, filtered.suspicion.cpu(), 0.0)
+        self.flagged += int((present & (filtered.suspicion.cpu() > 0)).sum())
+        if everyone:
+            self.merger(own, filtered.received, filtered.weights, out=out)
+            return
+        out[h.to(out.device)] = self.merger(part(own), filtered.received, filtered.weights,
+                                            out=torch.empty_like(part(own)))
+        a = (~honest).nonzero().flatten().to(own.device)
+        out[a] = self.merger(own[a], [x[a] for x in received], weights[(~honest).nonzero().flatten()],
+                             out=torch.empty_like(own[a]))
+
+    def pairs(self, run: list[Pair], round_index: int) -> None:
         """Disjoint pairwise exchanges at once: each end merges the other's pre-exchange vector."""
         u = torch.tensor([p.owner for p in run])
         v = torch.tensor([p.peer for p in run])
         weights = torch.full((len(run), 2), 0.5, dtype=torch.float64)
         x_u, x_v = self.x[u.to(self.device)], self.x[v.to(self.device)]
-        new_u = self._merge_pair(u, x_u, x_v, weights)
-        new_v = self._merge_pair(v, x_v, x_u, weights)
+        step = run[0].seq
+        new_u = self._merge_pair(u, x_u, self._sent(v, u, x_v, round_index, step), weights, v, round_index, step)
+        new_v = self._merge_pair(v, x_v, self._sent(u, v, x_u, round_index, step), weights, u, round_index, step)
         self.x[u.to(self.device)] = new_u
         self.x[v.to(self.device)] = new_v
         self.bytes_sent += 2 * len(run) * self.layout.size * 4
 
-    def _merge_pair(self, rows: torch.Tensor, own: torch.Tensor, other: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        received = [other]
-        if self.guard is not None:
-            filtered = self.guard(FilterInput(rows, own, received, weights))
-            received, weights = filtered.received, filtered.weights
+    def _sent(self, senders: torch.Tensor, receivers: torch.Tensor, vectors: torch.Tensor, round_index: int,
+              step: int) -> torch.Tensor:
+        """What `senders` send `receivers` in a pairwise exchange (one pair when attackers exist)."""
+        if not bool((self.is_attacker[senders] & ~self.is_attacker[receivers]).any()):
+            return vectors
+        own, received, weights, neighbours = self._gather(receivers)
+        received = self._attacked(receivers, own, received, weights, neighbours, round_index, step)
+        slot = int((neighbours[0] == senders[0]).nonzero()[0])
+        return received[slot]
+
+    def _merge_pair(self, rows: torch.Tensor, own: torch.Tensor, other: torch.Tensor, weights: torch.Tensor,
+                    senders: torch.Tensor, round_index: int, step: int) -> torch.Tensor:
+        out = torch.empty_like(own)
+        if self.filters and not bool(self.is_attacker[rows].any()):
+            filtered = self.filters(FilterInput(rows, own, [other], weights, round_index, step, rows, senders[:, None]))
             self.flagged += int((filtered.suspicion > 0).sum())
-        out = self.merger(own, received, weights, out=torch.empty_like(own))
+            slot = (self.neighbours[rows] == senders[:, None]).long().argmax(dim=1)
+            self.seen[rows, slot] += 1
+            self.suspicion[rows, slot] += filtered.suspicion[:, 0].cpu()
+            self.merger(own, filtered.received, filtered.weights, out=out)
+        else:
+            self.merger(own, [other], weights, out=out)
         self.rolled_back += keep_finite(out, own)
         return out
 
@@ -181,15 +265,21 @@ class VectorizedEngine:
     def vectors(self) -> torch.Tensor:
         return self.x
 
+    def observations(self) -> dict[tuple[int, int], tuple[int, float]]:
+        """(observer, sender) -> (messages merged, summed suspicion), as honest nodes saw them."""
+        return {(i, int(self.neighbours[i, k])): (int(self.seen[i, k]), float(self.suspicion[i, k]))
+                for i in self.honest.tolist() for k in self.seen[i].nonzero().flatten().tolist()}
+
     def state(self) -> dict[str, Any]:
         return {"bytes_sent": self.bytes_sent, "flagged": self.flagged, "rolled_back": self.rolled_back,
-                "guard": self.guard.state() if self.guard else None}
+                "filters": self.filters.state(), "seen": self.seen.tolist(), "suspicion": self.suspicion.tolist()}
 
     def restore(self, vectors: torch.Tensor, state: dict[str, Any]) -> None:
         self.x.copy_(vectors)
         self.bytes_sent, self.flagged, self.rolled_back = state["bytes_sent"], state["flagged"], state["rolled_back"]
-        if self.guard is not None:
-            self.guard.load_state(state["guard"])
+        self.filters.load_state(state["filters"])
+        self.seen.copy_(torch.tensor(state["seen"]))
+        self.suspicion.copy_(torch.tensor(state["suspicion"], dtype=torch.float64))
 
     def counters(self) -> dict[str, Any]:
         return {"bytes_sent": self.bytes_sent, "rejected": {}, "flagged": self.flagged,

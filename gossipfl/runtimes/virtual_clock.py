@@ -56,9 +56,8 @@ class VirtualClockEngine(NodeEngine):
     def __init__(self, experiment: Experiment):
         cfg = experiment.cfg
         t = cfg.timing
-        self.network = TimedNetwork(link_latencies(list(experiment.graph.edges), t.latency_s, t.latency_spread,
-                                                   cfg.seed))
-        self.nodes = [experiment.make_node(i, self.network.endpoint(i), network=False) for i in range(experiment.n)]
+        super().__init__(experiment, TimedNetwork(link_latencies(list(experiment.graph.edges), t.latency_s,
+                                                                 t.latency_spread, cfg.seed)))
         self.compute = compute_times(experiment.n, t.compute_s, t.compute_spread, experiment.slow_nodes,
                                      t.slow_factor, cfg.seed)
         self.decay = cfg.gossip.staleness_decay
@@ -74,18 +73,24 @@ class VirtualClockEngine(NodeEngine):
             self.started = True
             for i, node in enumerate(self.nodes):
                 begin = time.perf_counter()
-                losses.append(node.train(0))
+                loss = node.train(0)
                 train_seconds += time.perf_counter() - begin
+                losses += [] if node.attack else [loss]
                 heapq.heappush(self.events, (float(self.compute[i]), i))
         while self.events and self.events[0][0] < plan.window[1]:
             now, i = heapq.heappop(self.events)
             self.network.advance(now)
             node, r = self.nodes[i], int(self.local_round[i])
             node.merge_arrived(list(node.transport.drain(MODEL).values()), r, self.decay)
-            node.send(r, 0)
+            if node.attack:  # what it sends each honest neighbour, from every node's vector now
+                node.send_vectors(MODEL, r, 0, {j: self.attack_vectors(j, r, 0)[i] for j in node.neighbour_weights
+                                                if j not in self.attackers})
+            else:
+                node.send(r, 0)
             self.local_round[i] = r + 1
             begin = time.perf_counter()
-            losses.append(node.train(r + 1))
+            loss = node.train(r + 1)
             train_seconds += time.perf_counter() - begin
+            losses += [] if node.attack else [loss]
             heapq.heappush(self.events, (now + float(self.compute[i]), i))
         return (float(np.mean(losses)) if losses else float("nan")), train_seconds
