@@ -227,7 +227,7 @@ class ByzantineConfig:
     suspect_threshold: float = 0.5  # a peer whose mean suspicion reaches this is reported as suspected
 
     def validate(self) -> None:
-        from .algorithms.attacks import resolve_attack
+        from .algorithms.attacks import AttackContext, resolve_attack
         _in_range("byzantine.fraction", self.fraction, 0.0, 1.0)
         _in_range("byzantine.suspect_threshold", self.suspect_threshold, 0.0, 1.0)
         if any(i < 0 for i in self.nodes) or len(set(self.nodes)) != len(self.nodes):
@@ -237,8 +237,8 @@ class ByzantineConfig:
         if (self.nodes or self.fraction) and not self.attack:
             raise ConfigError("byzantine.attack is empty: name the attack the byzantine.nodes or fraction mount")
         if self.attack:
-            try:
-                resolve_attack(self.attack, **self.options)
+            try:  # with a stand-in network: what is checked here is the name and the parameters
+                resolve_attack(self.attack, AttackContext(nodes=3, attackers=1), **self.options)
             except ValueError as exc:
                 raise ConfigError(f"byzantine.attack: {exc}") from None
         elif self.options:
@@ -400,8 +400,16 @@ def parse_override(text: str, option: str = "--set") -> tuple[str, Any]:
 
 
 def override_text(key: str, value: Any) -> str:
-    """The inverse of parse_override: JSON literals of the field types here are valid TOML."""
-    return f"{key}={json.dumps(value)}"
+    """The inverse of parse_override: the value as a TOML literal (tables inline)."""
+    return f"{key}={toml_literal(value)}"
+
+
+def toml_literal(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    return json.dumps(value)  # numbers, booleans and strings: JSON's literals are TOML's
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -141,17 +141,25 @@ class ValidationRecall:
 def suspects(observations: dict[tuple[int, int], tuple[int, float]], threshold: float,
              attackers: Sequence[int] = ()) -> dict[str, Any]:
     """Who misbehaved, from what honest nodes saw: `observations[(observer, sender)]` = (messages
-    received, summed suspicion). A sender's score is the mean over its observers of the share of
-    its messages their filters discarded; those at or above `threshold` are suspected. With the
-    attackers known (an evaluation run), the precision and recall of that list."""
-    per_sender: dict[int, list[float]] = {}
-    for (_, sender), (messages, suspicion) in sorted(observations.items()):
+    received, summed suspicion). Each observer's rate for a sender (mean suspicion per message) is
+    taken relative to that observer's typical sender (the median of its rates, m): (rate - m) /
+    (1 - m), floored at 0, since some filters discard a share of every neighbour (a trimmed mean
+    trims honest values too). A sender's score is the mean of that over its observers; those at
+    or above `threshold` are suspected. With the attackers known (an evaluation run), the
+    precision and recall of that list."""
+    rates: dict[int, dict[int, float]] = {}
+    for (observer, sender), (messages, suspicion) in observations.items():
         if messages:
-            per_sender.setdefault(sender, []).append(suspicion / messages)
-    scores = {s: float(np.mean(v)) for s, v in per_sender.items()}
-    suspected = sorted((s for s, score in scores.items() if score >= threshold), key=lambda s: -scores[s])
+            rates.setdefault(observer, {})[sender] = suspicion / messages
+    excess: dict[int, list[float]] = {}
+    for seen in rates.values():
+        typical = float(np.median(list(seen.values())))
+        for sender, rate in seen.items():
+            excess.setdefault(sender, []).append(max(0.0, rate - typical) / (1 - typical) if typical < 1 else 0.0)
+    scores = {s: float(np.mean(v)) for s, v in excess.items()}
+    suspected = sorted((s for s, score in scores.items() if score >= threshold), key=lambda s: (-scores[s], s))
     report: dict[str, Any] = {"suspected": [{"node": s, "score": round(scores[s], 4)} for s in suspected],
-                              "scores": {str(s): round(v, 4) for s, v in sorted(scores.items())}}
+                              "suspicion_scores": {str(s): round(v, 4) for s, v in sorted(scores.items())}}
     if attackers:
         hits = len(set(suspected) & set(attackers))
         report.update(suspects_precision=hits / len(suspected) if suspected else None,

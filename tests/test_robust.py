@@ -73,3 +73,15 @@ def test_missing_senders_are_neither_clipped_nor_recorded():
     weights = torch.tensor([[0.5, 0.0]], dtype=torch.float64)
     out = guard(FilterInput(torch.zeros(1, dtype=torch.long), own, [torch.full((1, D), 1e30)], weights))
     assert not (out.suspicion > 0).any() and int(guard.seen[0]) == 0
+
+
+def test_suspects_are_scored_relative_to_each_observers_typical_neighbour():
+    from gossipfl.metrics import suspects
+    # node 9 is discarded in full by both observers; honest senders have a third of their values trimmed
+    seen = {(0, 1): (10, 3.3), (0, 2): (10, 3.4), (0, 9): (10, 10.0), (3, 2): (10, 3.3), (3, 4): (10, 3.4),
+            (3, 9): (10, 10.0)}
+    report = suspects(seen, 0.5, attackers=[9])
+    assert [s["node"] for s in report["suspected"]] == [9]
+    assert report["suspects_precision"] == 1.0 and report["suspects_recall"] == 1.0
+    assert suspects(seen, 0.5)["suspicion_scores"]["1"] == 0.0
+    assert suspects({(0, 1): (5, 0.0)}, 0.5, attackers=[7])["suspects_precision"] is None
