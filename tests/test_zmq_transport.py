@@ -248,7 +248,7 @@ def hostile_frames():
         ([b"\xc1garbage", valid[1]], "bad_header"),
         ([msgpack.packb(header | {"version": 9}), valid[1]], "wrong_version"),
         ([msgpack.packb(header | {"layout": "another model!!!"}), valid[1]], "wrong_layout"),
-        ([valid[0], valid[1][:-4] + b"\0\0\x80\x7f"], "bad_checksum"),
+        ([valid[0], valid[1][:-4] + b"\0\0\0\x40"], "bad_checksum"),  # a finite 2.0 where 1.0 was
         (wire.encode(Message("model", 1, 0, 0, nan), LAYOUT), "non_finite"),
         (wire.encode(Message("model", 1, 0, 0, too_long), LAYOUT), "oversized"),
         (wire.encode(model(7, 0, 0), LAYOUT), "unknown_sender"),
