@@ -24,7 +24,8 @@ from ..config import ConfigError, ExperimentConfig
 from ..experiment import Experiment
 from ..transport.keys import load_keys
 from ..metrics import accuracy
-from .node import MODEL, Node
+from .node import MODEL, PAIR_REPLY, PAIR_REQUEST, Node
+from ..transport.limits import Limits, raise_open_file_limit
 from ..transport.zmq import ZmqTransport, reuse_large_allocations
 
 log = logging.getLogger("gossipfl.node")
@@ -46,8 +47,13 @@ def make_transport(cfg: ExperimentConfig, experiment: Experiment, node_id: int, 
     peers = {int(j): tcp(d.addresses[j]) for j in experiment.graph.neighbors(node_id)}
     max_bytes = int(d.max_message_mb * 1e6) if d.max_message_mb else size * 4 + (1 << 20)
     curve = load_keys(d.keys, node_id) if d.keys else None
+    kinds = {MODEL} if cfg.gossip.schedule == "sync" else {PAIR_REQUEST, PAIR_REPLY}
+    limits = Limits(rounds_ahead=d.rounds_ahead, buffer_ttl_s=d.buffer_ttl_s,
+                    max_connections=d.max_connections or None,
+                    max_connections_per_address=d.max_connections_per_address or None,
+                    idle_timeout_s=d.idle_timeout_s, keepalive_s=d.keepalive_s)
     return ZmqTransport(node_id, tcp(d.addresses[node_id]), peers, layout, size, deadline_s=d.deadline_s,
-                        max_message_bytes=max_bytes, curve=curve)
+                        max_message_bytes=max_bytes, curve=curve, kinds=kinds, limits=limits)
 
 
 class NodeProcess:
@@ -111,7 +117,7 @@ class NodeProcess:
         with (self.dir / "metrics.jsonl").open("a") as metrics:
             r = self.start_round
             while r < cfg.rounds and not self.stopping.is_set():
-                ahead = self.transport.newest_round(MODEL)
+                ahead = max(self.transport.claimed_rounds().values(), default=-1)  # interim; the lead's policy replaces it
                 if ahead > r:  # neighbours moved on while this node was down: rejoin at their round
                     log.info("node %d skips rounds %d..%d to rejoin", self.id, r, ahead - 1)
                     r = ahead
@@ -148,6 +154,7 @@ class NodeProcess:
 
 def run_node(cfg: ExperimentConfig, node_id: int, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Entry point of `gossipfl node`: run until done or signalled, always closing the sockets."""
+    raise_open_file_limit()  # a connection flood must not exhaust the usual soft limit of 1,024 files
     reuse_large_allocations()  # large received frames reuse mapped pages instead of faulting in fresh ones
     process = NodeProcess(cfg, node_id, run_dir, resume)
     for sig in (signal.SIGTERM, signal.SIGINT):

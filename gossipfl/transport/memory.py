@@ -32,3 +32,10 @@ class MemoryTransport(Transport):
     def receive(self, kind: str, round_index: int, step: int, senders: set[int]) -> dict[int, Message]:
         box = self.network.mailboxes[self.node].pop((kind, round_index, step), {})
         return {s: m for s, m in box.items() if s in senders}
+
+    def claimed_rounds(self) -> dict[int, int]:
+        claims: dict[int, int] = {}
+        for (_, round_index, _), box in self.network.mailboxes[self.node].items():
+            for sender in box:
+                claims[sender] = max(claims.get(sender, -1), round_index)
+        return claims
