@@ -2,6 +2,7 @@
 cut off a node, then the honest neighbours' messages, which must still arrive at their usual
 latency (well within a deadline), with the attack's drops counted under their own reason."""
 
+import ctypes
 import logging
 import os
 import subprocess
@@ -68,7 +69,7 @@ def test_hostile_headers_are_counted_and_logged_in_bounded_lines(network, raw, c
     with caplog.at_level(logging.WARNING, logger="gossipfl.transport"):
         honest_steps(a, b, 0, [1, 2])
         settle(a)
-    assert a.rejected == {"bad_header": 2, "wrong_layout": 1}
+    assert a.rejected == {"wrong_version": 1, "bad_header": 1, "wrong_layout": 1}
     assert caplog.records and all(len(r.getMessage()) < 300 for r in caplog.records)
 
 
@@ -215,21 +216,27 @@ def rss_mb():
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+def allocated_mb():
+    """RSS once glibc has returned its free pages: freed frames may stay in its heap otherwise."""
+    ctypes.CDLL(None).malloc_trim(0)
+    return rss_mb()
+
+
 def test_a_message_that_never_ends_is_cut_off_with_bounded_memory(network):
-    """400 frames of 1 MiB with the MORE flag once grew a node by 360 MB, never released."""
+    """400 frames of 1 MiB with the MORE flag once grew a node by 356 MB, never released."""
     size = 250_000  # 1 MB models: frames of 1 MiB pass MAXMSGSIZE
     a, b = network(2, size=size)
     honest_steps(a, b, 0, [0], size=size)
-    before = rss_mb()
+    before = allocated_mb()
     attacker = zmtp_connect(a.endpoint)
     outcome = {}
 
-    def stream():
+    def stream():  # 1,000 MiB, were nothing to stop it
         frame = zmtp_frame(bytes(1 << 20), more=True)
         try:
-            for sent in range(400):
+            for sent in range(1000):
                 attacker.sendall(frame)
-            outcome["sent"] = 400
+            outcome["sent"] = 1000
         except OSError:
             outcome["cut_after"] = sent
 
@@ -241,10 +248,12 @@ def test_a_message_that_never_ends_is_cut_off_with_bounded_memory(network):
         time.sleep(0.005)
     sender.join()
     attacker.close()
-    assert "cut_after" in outcome and outcome["cut_after"] < 100
+    # Cut after the cap (6.3 MB here) plus what arrives before the watcher's next check (50 ms
+    # at most: some 50 MB at loopback speed; measured 29 to 62 MiB in all).
+    assert "cut_after" in outcome and outcome["cut_after"] < 300
     honest_steps(a, b, 0, [1, 2], size=size)
     assert a.rejected == {"connection_memory": 1}
-    assert peak - before < 100 and rss_mb() - before < 30  # unbounded it would be 400 MB, held
+    assert peak - before < 300 and allocated_mb() - before < 30  # unbounded: 1,000 MB, never released
 
 
 FLOOD = textwrap.dedent("""

@@ -113,7 +113,7 @@ BAD_CASES = {
     "oversized": (lambda f: [f[0], f[1] + bytes(4)], "oversized"),
     "bad_checksum": (lambda f: [f[0], bytes([f[1][0] ^ 1]) + f[1][1:]], "bad_checksum"),
     "not_a_buffer": (lambda f: [f[0], 12345], "bad_frames"),
-    "version_nested_1000_deep": (lambda f: with_header(f, version=nested(1000)), "bad_header"),
+    "version_nested_1000_deep": (lambda f: with_header(f, version=nested(1000)), "wrong_version"),
     "extra_nested_too_deep": (lambda f: with_header(f, extra={"a": nested(wire.MAX_DEPTH - 1)}), "bad_header"),
     "extra_too_many_items": (lambda f: with_header(f, extra={"a": [0] * (wire.MAX_ITEMS + 1)}), "bad_header"),
     "extension_type": (lambda f: with_header(f, extra={"a": msgpack.ExtType(5, b"x")}), "bad_header"),

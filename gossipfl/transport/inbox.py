@@ -74,7 +74,8 @@ class Inbox:
                     self._unkeep(key, sender)
                     self._drop(reason, sender)
         self._box = self._kept.pop(self._current, {})
-        self._kept_by_sender.subtract(self._box.keys())
+        for sender in self._box:
+            self._kept_by_sender[sender] -= 1
         position = (round_index, step)
         self._waiting = {s for s in senders if s not in self._box and not self._moved_on(kind, s, position)}
 
@@ -113,8 +114,8 @@ class Inbox:
     def end(self) -> dict[int, Message]:
         """Finish the receive: its messages from the expected senders, each sender now pinned to
         the connection its message came over."""
-        kind, *position = self._current
-        self._done[kind] = max(self._done.get(kind, tuple(position)), tuple(position))
+        kind, position = self._current[0], self._current[1:]
+        self._done[kind] = max(self._done.get(kind, position), position)
         got = {}
         for sender, kept in self._box.items():
             if sender in self._senders:
