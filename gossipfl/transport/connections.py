@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 0.02     # while bytes arrive: at loopback speed a message grows ~20 MB meanwhile
 IDLE_INTERVAL_S = 0.05      # while none do: each wake-up costs 60 to 160 us of CPU on a small VM
 TCP_CLOSE_WAIT = 8          # the peer closed its end cleanly
+MAX_ERRORS_LOGGED = 10      # a failure that repeats every check must not flood the log
 _TCP_INFO_LEN = 136         # through tcpi_bytes_received (Linux 4.1+)
 _LAST_DATA_RECV, _BYTES_RECEIVED = 52, 128  # offsets in struct tcp_info
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -142,7 +143,7 @@ class ConnectionWatcher:
     # --- the watcher's thread ---
 
     def _run(self) -> None:
-        next_check = 0.0
+        next_check, errors = 0.0, 0
         try:
             while not self._stop.is_set():
                 wait_ms = max(0, math.ceil((next_check - time.monotonic()) * 1000))  # never a spin
@@ -153,7 +154,9 @@ class ConnectionWatcher:
                         busy = self._check(time.monotonic())
                         next_check = time.monotonic() + (CHECK_INTERVAL_S if busy else IDLE_INTERVAL_S)
                 except Exception:  # the watcher must outlive any one bad event
-                    log.exception("connection watcher")
+                    errors += 1
+                    if errors <= MAX_ERRORS_LOGGED:
+                        log.exception("connection watcher")
         finally:
             self._monitor.close(linger=0)
 
