@@ -14,8 +14,8 @@ def reuse_large_allocations(limit_bytes: int = 1 << 30) -> bool:
     By default every allocation above 32 MiB is a fresh mmap, so libzmq's buffer for each large
     received frame costs one page fault per 4 KiB (measured: 11,000 faults and 15 to 25 ms of
     CPU per 45 MB message). With this, each frame reuses pages already mapped. It is a
-    process-wide policy: a node process calls it once at start, and so does the vectorized engine,
-    whose autograd gradients and batch gathers are fresh allocations of up to N x d floats per step
+    process-wide policy, so the processes gossipfl owns call it at start (a node process, and
+    `gossipfl simulate`, whose vectorized engine's autograd gradients and batch gathers are fresh allocations of up to N x d floats per step
     (measured: 45 instead of 82 ms per batched gradient of 256 MLP nodes). Returns
     False where the C library has no mallopt."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)

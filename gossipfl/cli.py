@@ -136,7 +136,9 @@ def end_run(args: argparse.Namespace, summary: dict[str, Any], run_dir: Any, res
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from .allocation import reuse_large_allocations
     from .rundir import checked_run_dir, claim_run_dir, recording_status
+    reuse_large_allocations()  # this process is ours: the vectorized engine's per-step N x d buffers reuse pages
     if args.resume:
         if args.config or args.set or args.out:
             raise UsageError("--resume continues a run with its own config.toml and folder; "

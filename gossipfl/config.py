@@ -277,6 +277,12 @@ class DeployConfig:
     startup_s: float = 120.0     # wait for the very first step (peers import torch, load data)
     checkpoint_every: int = 5    # rounds between checkpoints, of node processes and of simulate (0 = never)
     max_message_mb: float = 0.0  # refuse larger messages; 0 = model size plus headroom
+    rounds_ahead: int = 2        # keep neighbours' messages at most this many rounds ahead of this node's
+    buffer_ttl_s: float = 600.0  # drop a message kept for a later step after this long
+    max_connections: int = 0     # accepted connections in all; 0 = 4 per neighbour + 64, within the open-file limit
+    max_connections_per_address: int = 0  # from one remote address; 0 = 2 per neighbour + 4
+    idle_timeout_s: float = 300.0  # close a connection that sent no valid message for this long after connecting
+    keepalive_s: int = 10        # TCP keepalive idle time and probe interval; 3 lost probes drop a dead peer
 
     def validate(self) -> None:
         for i, address in enumerate(self.addresses):
@@ -289,6 +295,12 @@ class DeployConfig:
         _positive("deploy.startup_s", self.startup_s)
         _positive("deploy.checkpoint_every", self.checkpoint_every, allow_zero=True)
         _positive("deploy.max_message_mb", self.max_message_mb, allow_zero=True)
+        _positive("deploy.rounds_ahead", self.rounds_ahead, allow_zero=True)
+        _positive("deploy.buffer_ttl_s", self.buffer_ttl_s)
+        _positive("deploy.max_connections", self.max_connections, allow_zero=True)
+        _positive("deploy.max_connections_per_address", self.max_connections_per_address, allow_zero=True)
+        _positive("deploy.idle_timeout_s", self.idle_timeout_s)
+        _positive("deploy.keepalive_s", self.keepalive_s)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 
 import msgpack
 import pytest
@@ -15,66 +16,9 @@ import zmq
 
 from gossipfl.transport import keys, wire
 from gossipfl.transport.base import Message
-from gossipfl.runtimes.launch import free_loopback_addresses
+from gossipfl.transport.limits import Limits
 from gossipfl.transport.zmq import ZmqTransport
-
-LAYOUT = "0123456789abcdef"
-SIZE = 1000
-DEADLINE = 0.3
-
-
-def free_endpoints(n):
-    return [f"tcp://{address}" for address in free_loopback_addresses(n)]
-
-
-def vector(value):
-    return torch.full((SIZE,), float(value))
-
-
-def model(sender, round_index, step, value=None, kind="model"):
-    return Message(kind, sender, round_index, step, vector(sender if value is None else value))
-
-
-@pytest.fixture
-def network():
-    """`build(n)` makes n fully connected transports; all are closed after the test, pass or fail."""
-    opened = []
-
-    def build(n, curve=None, **kwargs):
-        endpoints = free_endpoints(n)
-        for i in range(n):
-            peers = {j: endpoints[j] for j in range(n) if j != i}
-            opened.append(ZmqTransport(i, endpoints[i], peers, LAYOUT, SIZE, deadline_s=DEADLINE,
-                                       curve=curve and curve[i], **kwargs))
-        return opened[-n:]
-
-    yield build
-    for transport in opened:
-        transport.close()
-
-
-@pytest.fixture
-def raw():
-    """`raw(endpoint, curve_keys=None)` makes a bare DEALER, as an attacker or buggy peer would.
-    The sockets are kept until the test ends: a collected socket would discard its queue."""
-    context = zmq.Context()
-    sockets = []
-
-    def dealer(endpoint, curve_keys=None, server_key=None):
-        sock = context.socket(zmq.DEALER)
-        sockets.append(sock)
-        sock.linger = 0
-        if curve_keys:
-            sock.curve_publickey, sock.curve_secretkey = curve_keys
-            sock.curve_serverkey = server_key
-        sock.connect(endpoint)
-        return sock
-
-    yield dealer
-    for sock in sockets:
-        sock.close(linger=0)
-    context.term()
-
+from zmq_helpers import DEADLINE, LAYOUT, SIZE, free_endpoints, model, network, raw, vector  # noqa: F401 (fixtures)
 
 def exchange_step(transports, round_index, step):
     for t in transports:
@@ -133,21 +77,23 @@ def test_future_steps_and_other_kinds_wait_for_their_receive(network):
 def drain(transport, wait_s=0.3):
     """Let what was sent arrive, then take it in without a receive."""
     time.sleep(wait_s)
-    transport.newest_round("model")
+    transport.claimed_rounds()
 
 
 def test_duplicates_and_buffer_overflow_are_counted(network):
-    a, b, _ = network(3, max_buffered=1)
-    step1 = model(1, 0, 1)
-    b.send(0, step1)
-    b.send(0, step1)  # the same message twice
-    b.send(0, model(1, 0, 2))  # one future message more than the buffer holds
+    a, b, _ = network(3, limits=Limits(buffered_per_sender=1))
+    b.send(0, model(1, 0, 0))
+    assert 1 in a.receive("model", 0, 0, {1})  # b's connection is now the one a trusts for b
+    step2 = model(1, 0, 2)
+    b.send(0, step2)
+    b.send(0, step2)  # the same message twice
+    b.send(0, model(1, 0, 3))  # one future message more than the buffer holds
     drain(a)
     assert a.rejected == {"duplicate": 1, "buffer_full": 1}
     started = time.monotonic()
-    assert a.receive("model", 0, 0, {1}) == {}  # b sent nothing for step 0 and has moved on:
+    assert a.receive("model", 0, 1, {1}) == {}  # b sent nothing for step 1 and has moved on:
     assert time.monotonic() - started < a.deadline_s / 2  # no use waiting out the deadline
-    assert 1 in a.receive("model", 0, 1, {1})
+    assert 1 in a.receive("model", 0, 2, {1})
 
 
 def test_a_peer_that_was_not_asked_for_is_counted(network):
@@ -157,15 +103,15 @@ def test_a_peer_that_was_not_asked_for_is_counted(network):
     assert a.rejected == {"unexpected_sender": 1}
 
 
-def test_newest_round_reveals_where_neighbours_are(network):
+def test_claimed_rounds_reveal_where_neighbours_are(network):
     a, b = network(2)
-    assert a.newest_round("model") == -1
+    assert a.claimed_rounds() == {}
     for round_index in (3, 5):
         b.send(0, model(1, round_index, 0))
     deadline = time.monotonic() + 5
-    while a.newest_round("model") < 5 and time.monotonic() < deadline:
+    while a.claimed_rounds().get(1, -1) < 5 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert a.newest_round("model") == 5 and a.newest_round("pair_request") == -1
+    assert a.claimed_rounds() == {1: 5}
     assert 1 in a.receive("model", 5, 0, {1}) and a.rejected == {"late": 1}  # round 3 was skipped
 
 
@@ -248,7 +194,7 @@ def hostile_frames():
         ([b"\xc1garbage", valid[1]], "bad_header"),
         ([msgpack.packb(header | {"version": 9}), valid[1]], "wrong_version"),
         ([msgpack.packb(header | {"layout": "another model!!!"}), valid[1]], "wrong_layout"),
-        ([valid[0], valid[1][:-4] + b"\0\0\x80\x7f"], "bad_checksum"),
+        ([valid[0], valid[1][:-4] + b"\0\0\0\x40"], "bad_checksum"),  # a finite 2.0 where 1.0 was
         (wire.encode(Message("model", 1, 0, 0, nan), LAYOUT), "non_finite"),
         (wire.encode(Message("model", 1, 0, 0, too_long), LAYOUT), "oversized"),
         (wire.encode(model(7, 0, 0), LAYOUT), "unknown_sender"),
@@ -266,7 +212,10 @@ def test_hostile_frames_are_dropped_and_counted_while_valid_traffic_flows(networ
     assert torch.equal(a.receive("model", 0, 0, {1})[1].vector, vector(1))
     a.receive("model", 0, 1, {1})  # b is silent: waits one deadline and drains every queued frame
     expected = {reason: 1 for _, reason in hostile_frames()}
-    assert a.rejected == expected
+    # The MAXMSGSIZE cut counts as connection_broken when the watcher saw the connection before
+    # libzmq closed it (it may live less than a millisecond).
+    assert a.rejected - Counter(connection_broken=1) == expected
+
     b.send(0, model(1, 0, 2))
     assert 1 in a.receive("model", 0, 2, {1})
 

@@ -27,9 +27,10 @@ from ..config import ConfigError, ExperimentConfig
 from ..experiment import Experiment
 from ..transport.keys import load_keys
 from ..algorithms.schedule import Broadcast
-from .node import Node
 from ..allocation import reuse_large_allocations
+from ..transport.limits import Limits, raise_open_file_limit
 from ..transport.zmq import ZmqTransport
+from .node import MODEL, PAIR_REPLY, PAIR_REQUEST, Node
 
 log = logging.getLogger("gossipfl.node")
 
@@ -55,9 +56,14 @@ def make_transport(cfg: ExperimentConfig, experiment: Experiment, node_id: int, 
     peers = {int(j): tcp(d.addresses[j]) for j in experiment.graph.neighbors(node_id)}
     max_bytes = int(d.max_message_mb * 1e6) if d.max_message_mb else size * 4 + (1 << 20)
     curve = load_keys(d.keys, node_id) if d.keys else None
+    kinds = {MODEL} if cfg.gossip.schedule in ("sync", "async") else {PAIR_REQUEST, PAIR_REPLY}
+    limits = Limits(rounds_ahead=d.rounds_ahead, buffer_ttl_s=d.buffer_ttl_s,
+                    max_connections=d.max_connections or None,
+                    max_connections_per_address=d.max_connections_per_address or None,
+                    idle_timeout_s=d.idle_timeout_s, keepalive_s=d.keepalive_s)
     try:
         return ZmqTransport(node_id, tcp(d.addresses[node_id]), peers, layout, size, deadline_s=d.deadline_s,
-                            max_message_bytes=max_bytes, curve=curve)
+                            max_message_bytes=max_bytes, curve=curve, kinds=kinds, limits=limits)
     except zmq.ZMQError as exc:  # connect never fails up front: this is the bind of our own address
         raise ConfigError(f"deploy.addresses[{node_id}] = {d.addresses[node_id]!r}: "
                           f"cannot listen there ({exc})") from None
@@ -89,7 +95,7 @@ class NodeProcess:
         self.transport = make_transport(cfg, self.experiment, node_id, self.layout, probe.layout.size)
         self.node: Node = self.experiment.make_node(node_id, self.transport, network=True)
         self.evaluator = self.experiment.evaluator()
-        self.start_round = 0
+        self.start_round, self.resumed = 0, resume
         self.io_errors = 0
         saved = checkpoint.load_latest(self.dir, self.layout) if resume else None
         if saved is not None:
@@ -122,10 +128,11 @@ class NodeProcess:
 
     def gossip(self, round_index: int) -> bool:
         """Run this round's exchanges; False if a stop request cut the round short. The very first
-        exchange waits up to startup_s, while peers may still be starting."""
+        exchange of a fresh start waits up to startup_s, while peers may still be starting (a
+        resumed node's peers are running already: it waits the usual deadline)."""
         exchanges = self.exchanges(round_index)
         for i, exchange in enumerate(exchanges):
-            first = round_index == self.start_round and i == 0
+            first = round_index == self.start_round and i == 0 and not self.resumed
             self.transport.deadline_s = self.cfg.deploy.startup_s if first else self.cfg.deploy.deadline_s
             exchange()
             if self.stopping.is_set() and i < len(exchanges) - 1:
@@ -136,6 +143,8 @@ class NodeProcess:
         cfg = self.cfg
         started = time.perf_counter()
         completed = self.start_round - 1
+        if self.resumed:
+            self.hear_from_neighbours()
         with (self.dir / "metrics.jsonl").open("a") as metrics:
             r = self.start_round
             while r < cfg.rounds and not self.stopping.is_set():
@@ -179,6 +188,15 @@ class NodeProcess:
                                                                                         + "\n"), attempts=5)
         return summary
 
+    def hear_from_neighbours(self, poll_s: float = 0.05) -> None:
+        """A resumed node first waits (up to startup_s) until most neighbours have claimed a round,
+        so that it rejoins at theirs instead of replaying rounds they left behind."""
+        deadline = time.monotonic() + self.cfg.deploy.startup_s
+        majority = len(self.node.neighbour_weights) // 2 + 1
+        while len(self.transport.claimed_rounds()) < majority and time.monotonic() < deadline \
+                and not self.stopping.is_set():
+            time.sleep(poll_s)
+
     def best_effort(self, what: str, write: Callable[[], object], attempts: int = 1) -> bool:
         """Write something a run can live without (a checkpoint, a metrics line) without letting an
         I/O error end the node: out of file descriptors or disk, it says so, counts it and goes on;
@@ -201,6 +219,7 @@ class NodeProcess:
 
 def run_node(cfg: ExperimentConfig, node_id: int, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Entry point of `gossipfl node`: run until done or signalled, always closing the sockets."""
+    raise_open_file_limit()  # a connection flood must not exhaust the usual soft limit of 1,024 files
     reuse_large_allocations()  # large received frames reuse mapped pages instead of faulting in fresh ones
     process = NodeProcess(cfg, node_id, run_dir, resume)
     for sig in (signal.SIGTERM, signal.SIGINT):

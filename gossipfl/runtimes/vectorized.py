@@ -18,7 +18,6 @@ import torch
 
 from ..algorithms.attacks import pair_inputs
 from ..algorithms.merge import keep_finite
-from ..allocation import reuse_large_allocations
 from ..algorithms.robust import FilterInput
 from ..algorithms.schedule import Broadcast, Pair, RoundPlan, pair_batches
 from ..algorithms.train import LocalTraining, StackedBatch, StackedGradient, learning_rate, local_batches
@@ -32,7 +31,6 @@ class VectorizedEngine:
     resumable = True
 
     def __init__(self, experiment: Experiment, device: torch.device):
-        reuse_large_allocations()  # per-step N x d gradients and gathers would each fault in fresh pages
         cfg, n = experiment.cfg, experiment.n
         self.experiment, self.cfg, self.device, self.n = experiment, cfg, device, n
         template = experiment.build_model(0)

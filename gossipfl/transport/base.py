@@ -35,7 +35,9 @@ class Transport(ABC):
     def __init__(self) -> None:
         self.bytes_sent = 0
         self.messages_sent = 0
-        self.rejected: Counter[str] = Counter()  # dropped incoming messages by reason (bad_checksum, late, ...)
+        # Incoming messages and connections dropped, by reason (bad_checksum, late, connection_idle, ...).
+        self.rejected: Counter[str] = Counter()
+        self.send_drops: Counter[int] = Counter()  # outgoing messages dropped at a full queue, by destination
 
     @abstractmethod
     def send(self, dst: int, message: Message) -> None:
@@ -46,15 +48,17 @@ class Transport(ABC):
         """Messages of this (kind, round, step) from `senders`; returns when all arrived or the
         step's deadline passed, so a missing sender is simply absent from the result."""
 
+    @abstractmethod
+    def claimed_rounds(self) -> dict[int, int]:
+        """For each neighbour, the newest round it claimed in a message that passed validation
+        and the sender checks (also one dropped as late or too far ahead), after taking in
+        without waiting what is already queued: how a node that was down learns where its
+        neighbours are. Claims, not facts: without authentication anyone can claim any round."""
+
     def drain(self, kind: str) -> dict[int, Message]:
         """Without waiting: everything of `kind` that arrived since the last drain, the newest
         message per sender (asynchronous gossip merges what is there and never blocks)."""
         raise NotImplementedError(f"{type(self).__name__} does not support asynchronous gossip")
-
-    def newest_round(self, kind: str) -> int:
-        """The newest round of `kind` seen among messages held for later steps (-1 if none): how a
-        node that was down learns that its neighbours have moved on."""
-        return -1
 
     def _count(self, message: Message) -> None:
         self.bytes_sent += message.nbytes

@@ -37,6 +37,13 @@ class MemoryTransport(Transport):
         box = self.network.mailboxes[self.node].pop((kind, round_index, step), {})
         return {s: m for s, m in box.items() if s in senders}
 
+    def claimed_rounds(self) -> dict[int, int]:
+        claims: dict[int, int] = {}
+        for (_, round_index, _), box in self.network.mailboxes[self.node].items():
+            for sender in box:
+                claims[sender] = max(claims.get(sender, -1), round_index)
+        return claims
+
     def drain(self, kind: str) -> dict[int, Message]:
         """See `Transport.drain`."""
         box = self.network.mailboxes[self.node]

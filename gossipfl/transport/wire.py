@@ -5,15 +5,20 @@ dtype, element count, checksum of the payload, optional `extra` map whose unknow
 ignore); frame 1 is the raw little-endian float32 vector, sent and received without a copy.
 
 A receiver treats every byte as hostile: `decode` checks the frame count, the header's size,
-encoding, keys and types, every field, the payload length and checksum, and the finiteness of
-every value before it hands out a vector. Any failure is a `WireError` whose `reason` is one of
-bad_frames, bad_header, wrong_version, unknown_kind, wrong_layout, wrong_dtype, bad_length,
-oversized, bad_checksum, non_finite. Never pickle.
+encoding, keys and types, every field, the nesting and item count of `extra`, the payload
+length and checksum,
+and the finiteness of every value before it hands out a vector. `decode` is total: any failure,
+whatever its cause, is a `WireError` whose `reason` is one of bad_frames, bad_header,
+wrong_version, unknown_kind, wrong_layout, wrong_dtype, bad_length, oversized, bad_checksum,
+non_finite, bad_message (an unforeseen failure), and whose text quotes at most a short excerpt
+of the input. `check_message` applies the checks that concern a built Message, so the memory
+transport can validate as the wire does. Never pickle.
 """
 
 from __future__ import annotations
 
 import math
+import reprlib
 import sys
 import zlib
 from collections.abc import Sequence
@@ -38,6 +43,9 @@ KINDS = VECTOR_KINDS | CONTROL_KINDS
 DTYPE = "float32"                 # always little-endian on the wire
 MAX_HEADER_BYTES = 64 * 1024      # room for peer views in `extra`, far below any payload
 MAX_INDEX = 2**31 - 1             # bound for sender, round and step
+MAX_DEPTH = 8                     # nesting of maps and lists in the header; the header map is level 1
+MAX_ITEMS = 16384                 # map entries plus list elements in the whole header
+MAX_DETAIL = 120                  # characters of input an error text may quote
 FOLD_BLOCK = 1 << 20              # bytes; see `checksum`
 
 # Header keys and their exact types (bool is not an int here). "extra" is optional.
@@ -47,8 +55,13 @@ _FIELDS: dict[str, type] = {
 }
 _UNPACK_LIMITS = dict(
     raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
-    max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES, max_array_len=4096, max_map_len=4096,
+    max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES, max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS,
 )
+# What a header may hold: msgpack's types without extension types; maps need string keys.
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxlevel, _EXCERPT.maxstring, _EXCERPT.maxother = 2, 40, 40
+_EXCERPT.maxlist = _EXCERPT.maxtuple = _EXCERPT.maxdict = _EXCERPT.maxset = 4
 
 Frame = Union[bytes, bytearray, memoryview, zmq.Frame]
 
@@ -57,11 +70,18 @@ if sys.byteorder != "little":
 
 
 class WireError(ValueError):
-    """An incoming message failed validation; `reason` is a short snake_case label for counting."""
+    """An incoming message failed validation; `reason` is a short snake_case label for counting.
+    The text is cut to MAX_DETAIL characters of detail, so logging it costs a bounded line."""
 
     def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        super().__init__(f"{reason}: {detail[:MAX_DETAIL]}" if detail else reason)
         self.reason = reason
+
+
+def excerpt(value: Any) -> str:
+    """A bounded repr of a value from the network: nesting, long strings and long containers are
+    abbreviated (a plain repr of a hostile value can be huge or recurse without end)."""
+    return _EXCERPT.repr(value)[:MAX_DETAIL]
 
 
 def payload_view(vector: torch.Tensor) -> memoryview:
@@ -111,26 +131,63 @@ def decode(frames: Sequence[Frame], expected_layout_hash: str, expected_count: i
 
     The returned vector is a zero-copy view of the payload frame when that frame is writable
     (as received ZeroMQ frames are), else a copy; with `into` (a float32 tensor of
-    `expected_count` elements) the payload is copied there instead, so a caller can reuse one
-    warm buffer. The checksum and finiteness checks run on the vector before it is returned;
-    `into` holds unspecified data if they fail.
+    `expected_count` elements) a model's payload is copied there instead, so a caller can reuse
+    one warm buffer. The checksum and finiteness checks run on the vector before it is returned;
+    `into` holds unspecified data if they fail. Raises ValueError only for a wrong `into`.
     """
+    if into is not None and (into.dtype != torch.float32 or not into.is_contiguous()
+                             or into.numel() != expected_count):
+        raise ValueError("`into` must be a contiguous float32 tensor of the expected element count")
+    try:
+        return _decode(frames, expected_layout_hash, expected_count, max_bytes, into)
+    except WireError:
+        raise
+    except Exception as error:  # a failure nobody foresaw is still only a bad message
+        raise WireError("bad_message", type(error).__name__) from error
+
+
+def _decode(frames: Sequence[Frame], expected_layout_hash: str, expected_count: int, max_bytes: int,
+            into: torch.Tensor | None) -> Message:
     if len(frames) != 2:
         raise WireError("bad_frames", f"{len(frames)} frames, expected 2")
     header_bytes, payload = (_bytes_view(f) for f in frames)
     if len(payload) > max_bytes:
         raise WireError("oversized", f"{len(payload)} payload bytes > {max_bytes}")
     header = _parse_header(header_bytes)
-    _check_fields(header, expected_layout_hash, expected_count)
+    _check_fields(header, expected_layout_hash)
     if len(payload) != header["count"] * 4:
         raise WireError("bad_length", f"{len(payload)} bytes for {header['count']} elements")
-    vector = _as_vector(payload, into)
-    if checksum(vector) != header["checksum"]:
+    message = Message(header["kind"], header["sender"], header["round"], header["step"],
+                      _as_vector(payload, into), header.get("extra", {}))
+    check_message(message, expected_count)  # cheap passes first: a wrong kind or length costs no checksum
+    if checksum(message.vector) != header["checksum"]:
         raise WireError("bad_checksum")
+    return message
+
+
+def check_message(message: Message, expected_count: int) -> None:
+    """Raise WireError unless `message` is one a valid encoder could send a model of
+    `expected_count` elements: a known kind, sender/round/step ints in [0, MAX_INDEX], an
+    `extra` map the header can carry, a 1-D float32 CPU vector of the kind's length
+    (`expected_count`, or 0 for control kinds), every value finite. `decode` applies it before
+    the checksum pass."""
+    if message.kind not in KINDS:
+        raise WireError("unknown_kind", excerpt(message.kind))
+    if not all(type(value) is int and 0 <= value <= MAX_INDEX
+               for value in (message.sender, message.round, message.step)):
+        raise WireError("bad_header", "sender, round or step is not an int in range")
+    if type(message.extra) is not dict:
+        raise WireError("bad_header", "extra is not a map")
+    if message.extra:
+        _check_structure(message.extra, depth=2)  # `extra` sits inside the header map
+    vector = message.vector
+    if not isinstance(vector, torch.Tensor) or vector.dtype != torch.float32 or vector.device.type != "cpu":
+        raise WireError("wrong_dtype", "the vector is not a CPU float32 tensor")
+    count = expected_count if message.kind in VECTOR_KINDS else 0
+    if vector.dim() != 1 or vector.numel() != count:
+        raise WireError("bad_length", f"shape {tuple(vector.shape)}, expected ({count},)")
     if not all_finite(vector):
         raise WireError("non_finite")
-    return Message(header["kind"], header["sender"], header["round"], header["step"], vector,
-                   dict(header.get("extra", {})))
 
 
 def all_finite(vector: torch.Tensor) -> bool:
@@ -161,39 +218,58 @@ def _parse_header(data: memoryview) -> dict[str, Any]:
     return header
 
 
-def _check_fields(header: dict[str, Any], layout_hash: str, expected_count: int) -> None:
-    if header.get("version") != PROTOCOL_VERSION or type(header.get("version")) is not int:
-        raise WireError("wrong_version", repr(header.get("version")))
+def _check_structure(value: Any, depth: int) -> None:
+    """Raise WireError unless `value` (at nesting level `depth`) holds only msgpack scalars,
+    lists and string-keyed maps, nested at most MAX_DEPTH levels, MAX_ITEMS items in all.
+    Iterative, so no input can exhaust the interpreter's stack."""
+    pending, items = [(value, depth)], 0
+    while pending:
+        value, depth = pending.pop()
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if kind is not dict and kind is not list:
+            raise WireError("bad_header", f"a value of type {kind.__name__[:32]}")
+        if depth > MAX_DEPTH:
+            raise WireError("bad_header", f"nested deeper than {MAX_DEPTH} levels")
+        items += len(value)
+        if items > MAX_ITEMS:
+            raise WireError("bad_header", f"more than {MAX_ITEMS} items")
+        if kind is dict:
+            if any(type(key) is not str for key in value):
+                raise WireError("bad_header", "a map key is not a string")
+            value = value.values()
+        pending.extend((child, depth + 1) for child in value)
+
+
+def _check_fields(header: dict[str, Any], layout_hash: str) -> None:
+    """The checks of header fields that `check_message` does not see: version, the exact key
+    set and types (so a nested value anywhere but in `extra` is refused here, unwalked),
+    checksum range, layout and dtype."""
+    if type(header.get("version")) is not int or header["version"] != PROTOCOL_VERSION:
+        raise WireError("wrong_version", excerpt(header.get("version")))
     keys = header.keys()
     if not (_FIELDS.keys() <= keys <= _FIELDS.keys() | {"extra"}):
-        raise WireError("bad_header", f"keys {sorted(map(str, keys))}")
+        raise WireError("bad_header", f"keys {excerpt(list(keys))}")
     for key, expected_type in _FIELDS.items():
         if type(header[key]) is not expected_type:
             raise WireError("bad_header", f"{key} is not {expected_type.__name__}")
-    extra = header.get("extra", {})
-    if type(extra) is not dict or any(type(k) is not str for k in extra):
-        raise WireError("bad_header", "extra is not a map with string keys")
-    if header["kind"] not in KINDS:
-        raise WireError("unknown_kind", header["kind"][:32])
-    if not all(0 <= header[key] <= MAX_INDEX for key in ("sender", "round", "step")):
-        raise WireError("bad_header", "sender, round or step out of range")
+    if type(header.get("extra", {})) is not dict:
+        raise WireError("bad_header", "extra is not a map")
     if not 0 <= header["checksum"] < 2**32:
         raise WireError("bad_header", "checksum out of range")
+    if not 0 <= header["count"] <= MAX_INDEX:
+        raise WireError("bad_header", "count out of range")
     if header["layout"] != layout_hash:
-        raise WireError("wrong_layout", header["layout"][:32])
+        raise WireError("wrong_layout", excerpt(header["layout"]))
     if header["dtype"] != DTYPE:
-        raise WireError("wrong_dtype", header["dtype"][:32])
-    count = expected_count if header["kind"] in VECTOR_KINDS else 0
-    if header["count"] != count:
-        raise WireError("bad_length", f"count {header['count']}, expected {count}")
+        raise WireError("wrong_dtype", excerpt(header["dtype"]))
 
 
 def _as_vector(payload: memoryview, into: torch.Tensor | None) -> torch.Tensor:
     array = np.frombuffer(payload, dtype=np.float32)
-    if into is None:
+    if into is None or into.numel() != array.size:  # a control kind's empty vector, or a wrong length
         # A read-only source (bytes) must not be aliased by a tensor someone may write to.
         return torch.from_numpy(array.copy() if payload.readonly else array)
-    if into.dtype != torch.float32 or not into.is_contiguous() or into.numel() != array.size:
-        raise ValueError("`into` must be a contiguous float32 tensor of the expected element count")
     np.copyto(into.numpy().reshape(-1), array)
     return into

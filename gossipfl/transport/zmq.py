@@ -7,10 +7,14 @@ connected yet, so nodes may start in any order), and a message it cannot queue i
 counted in `send_drops`. Queued messages are zero-copy views, so a dead peer pins at most `hwm`
 snapshots, which a node shares among all its neighbours.
 
-Receiving validates every message (`wire.decode`), waits at most `deadline_s` per call,
-keeps messages of future steps for later calls (bounded), and drops and counts in `rejected`
-whatever is invalid, late, duplicated, unexpected, from an unknown or impostor sender, or beyond
-the buffer. Received vectors are zero-copy views of the received frames.
+Receiving treats every peer as possibly hostile (see docs/deployment.md, "Threat model"). Each
+message passes, in order: a per-connection rate limit (before any decoding), `wire.decode`, the
+kinds this runtime consumes, the sender checks, then the bounded buffer of `inbox.Inbox`.
+Whatever fails is dropped and counted in `rejected` by reason, and logged once per peer and
+reason with a bounded text; nothing a message does, not even a bug it triggers, escapes a
+receive (`internal_error`). A `connections.ConnectionWatcher` bounds the connections
+themselves: their number, idleness and the memory libzmq holds for each. Received vectors are
+zero-copy views of the received frames.
 
 With `curve`, the ROUTER is a CurveZMQ server whose ZAP handler admits only the listed public
 keys, and a message is accepted only if its header's sender owns the key that authenticated the
@@ -22,21 +26,25 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from . import wire
-from .keys import CurveConfig
 from .base import Message, Transport
+from .connections import ConnectionWatcher
+from .inbox import Inbox
+from .keys import CurveConfig
+from .limits import Limits
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, int, int]  # (kind, round, step)
 ZAP_DOMAIN = "gossipfl"
 MAX_LOGGED = 1000  # distinct (peer, reason) pairs logged; a reconnecting attacker must not grow it forever
+DRAIN_BUDGET_S = 0.5  # the longest `claimed_rounds` spends taking in what is queued, even under a flood
+DRAIN_GAP_MS = 5  # how long a drain waits for libzmq to refill the ROUTER's queue from the kernel
+KEEPALIVE_PROBES = 3  # unanswered TCP keepalive probes before the kernel drops a connection
 
 
 class _ListedKeys:
@@ -59,30 +67,40 @@ class _ListedKeys:
 class ZmqTransport(Transport):
     def __init__(self, node_id: int, bind: str, peers: Mapping[int, str], layout_hash: str, vector_size: int, *,
                  deadline_s: float = 5.0, max_message_bytes: int | None = None, curve: CurveConfig | None = None,
-                 context: zmq.Context | None = None, hwm: int = 4, max_buffered: int | None = None):
+                 context: zmq.Context | None = None, hwm: int = 4, kinds: Collection[str] = wire.VECTOR_KINDS,
+                 limits: Limits = Limits()):
         """`peers` maps each neighbour id to the endpoint its ROUTER binds. `hwm` bounds the
-        messages queued per neighbour in each direction; `max_buffered` (default `hwm` per peer)
-        bounds messages kept for future steps. A given `context` is not terminated by `close`;
-        with `curve` it must not host another ZAP authenticator (one per context)."""
+        messages queued per neighbour in each direction. `kinds` are the message kinds this
+        node's runtime receives; any other kind is dropped on arrival. `limits` bound what peers
+        can make this node buffer, hold or decode (defaults derive from `hwm`, the message size
+        and the number of peers). A given `context` is not terminated by `close`; with `curve`
+        it must not host another ZAP authenticator (one per context)."""
         super().__init__()
         if node_id in peers:
             raise ValueError(f"node {node_id} lists itself as a peer")
-        self.node_id, self.peers = node_id, dict(peers)
+        if not set(kinds) <= wire.KINDS:
+            raise ValueError(f"unknown message kinds {sorted(set(kinds) - wire.KINDS)}; known: {sorted(wire.KINDS)}")
+        self.node_id, self.peers, self.kinds = node_id, dict(peers), frozenset(kinds)
         self.layout_hash, self.vector_size, self.deadline_s, self.hwm = layout_hash, vector_size, deadline_s, hwm
         self.max_message_bytes = vector_size * 4 if max_message_bytes is None else max_message_bytes
-        self.max_buffered = hwm * len(self.peers) if max_buffered is None else max_buffered
-        self.send_drops: Counter[int] = Counter()  # messages dropped at a full send queue, by destination
-        self._inbox: dict[Key, dict[int, Message]] = {}
-        self._done: dict[str, tuple[int, int]] = {}  # per kind, the last (round, step) received
+        self.limits = limits.resolve(hwm, self.max_message_bytes + wire.MAX_HEADER_BYTES, len(self.peers))
+        self._inbox = Inbox(self.limits.buffered_per_sender, self.limits.rounds_ahead, self.limits.buffer_ttl_s,
+                            lambda reason, sender: self._reject(reason, f"node {sender}"))
+        self._epoch = 0  # receive calls so far: what refills each connection's token bucket
         self._logged: set[tuple[str, str]] = set()
         self._last_sent: tuple[Message, list] | None = None
         self._owns_context = context is None
         self.context = zmq.Context(io_threads=1) if context is None else context
         self._auth, self._listed, self._node_of_key = None, None, {}
-        self._router, self._dealers = None, {}
+        self._router, self._dealers, self._connections = None, {}, None
         try:
             self._open_router(bind, curve)
             self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._connections = ConnectionWatcher(
+                self._router, max_connections=self.limits.max_connections,
+                max_per_address=self.limits.max_connections_per_address,
+                max_pending_bytes=self.limits.max_pending_bytes, idle_timeout_s=self.limits.idle_timeout_s,
+                burst=self.limits.burst, curve=curve is not None)
             for peer, endpoint in self.peers.items():
                 self._open_dealer(peer, endpoint, curve)
         except BaseException:  # e.g. the address is taken: leave no thread or socket behind
@@ -95,6 +113,7 @@ class ZmqTransport(Transport):
         router.rcvhwm = self.hwm
         # libzmq drops a connection that sends a frame above this size before it is buffered.
         router.maxmsgsize = self.max_message_bytes + wire.MAX_HEADER_BYTES
+        self._set_keepalive(router)
         if curve is not None:
             self._listed = _ListedKeys(set(curve.allowed_public_keys.values()))
             self._node_of_key = {key.decode("ascii"): node for node, key in curve.allowed_public_keys.items()}
@@ -106,10 +125,19 @@ class ZmqTransport(Transport):
             router.curve_secretkey = curve.secret_key
         router.bind(bind)
 
+    def _set_keepalive(self, sock: zmq.Socket) -> None:
+        """TCP keepalive finds dead peers (a host that vanished without closing its connections).
+        Not ZMTP heartbeats: libzmq stops reading a connection whose queue is full, misses the
+        pongs and drops it, losing the messages in flight of a peer whose receiver is merely busy."""
+        sock.tcp_keepalive = 1
+        sock.tcp_keepalive_idle = sock.tcp_keepalive_intvl = self.limits.keepalive_s
+        sock.tcp_keepalive_cnt = KEEPALIVE_PROBES
+
     def _open_dealer(self, peer: int, endpoint: str, curve: CurveConfig | None) -> None:
         dealer = self._dealers[peer] = self.context.socket(zmq.DEALER)
         dealer.linger = 0
         dealer.sndhwm = self.hwm
+        self._set_keepalive(dealer)
         if curve is not None:
             if peer not in curve.allowed_public_keys:
                 raise ValueError(f"no public key listed for peer {peer}")
@@ -143,81 +171,85 @@ class ZmqTransport(Transport):
         return self._last_sent[1]
 
     def receive(self, kind: str, round_index: int, step: int, senders: set[int]) -> dict[int, Message]:
-        """See `Transport.receive`. Afterwards, messages of this kind for this or an earlier
-        (round, step) count as late; `rejected["unauthenticated"]` is brought up to date here."""
-        current = (kind, round_index, step)
-        self._drop_late(current)
-        box = self._inbox.setdefault(current, {})
+        """See `Transport.receive`. Waits for each expected sender's own message: a receive ends
+        early for a missing sender only when that sender's pinned connection (see `inbox`)
+        already carried a later message. `rejected` is brought up to date here."""
+        if kind not in self.kinds:
+            raise ValueError(f"this transport receives {sorted(self.kinds)}, not {kind!r}")
+        self._epoch += 1
+        self._inbox.begin(kind, round_index, step, senders)
         deadline = time.monotonic() + self.deadline_s
-        while not senders <= box.keys() and not self._moved_on(current, senders - box.keys()):
+        while not self._inbox.complete():
             remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._router.poll(remaining_ms):
+            if remaining_ms <= 0:
                 break
-            connection, *frames = self._router.recv_multipart(copy=False)
-            self._admit(connection.bytes, frames, current)
-        del self._inbox[current]
-        self._done[kind] = max(self._done.get(kind, (round_index, step)), (round_index, step))
-        for sender in box.keys() - senders:
-            self._reject("unexpected_sender", f"node {sender}")
-        if self._listed is not None and self._listed.denied:
-            self.rejected["unauthenticated"] = self._listed.denied
-        return {sender: message for sender, message in box.items() if sender in senders}
+            if not self._router.poll(remaining_ms):
+                self._connections.drained_at = time.monotonic()
+                break
+            self._take()
+        got = self._inbox.end()
+        self._update_counts()
+        return got
 
-    def _moved_on(self, current: Key, missing: set[int]) -> bool:
-        """True when every missing sender already sent a later message of this kind: ZeroMQ keeps
-        each connection in order, so what they sent for `current` would have arrived first."""
-        kind, position = current[0], current[1:]
-        later = {s for (k, *pos), box in self._inbox.items() if k == kind and tuple(pos) > position for s in box}
-        return missing <= later
+    def claimed_rounds(self) -> dict[int, int]:
+        """See `Transport.claimed_rounds`; first takes in what is already queued (for at most
+        DRAIN_BUDGET_S), waiting only for the gaps while libzmq refills its queue."""
+        give_up = time.monotonic() + DRAIN_BUDGET_S
+        while self._router.poll(DRAIN_GAP_MS):
+            self._take()
+            if time.monotonic() > give_up:
+                break
+        else:
+            self._connections.drained_at = time.monotonic()
+        self._update_counts()
+        return self._inbox.claimed_rounds()
 
-    def newest_round(self, kind: str) -> int:
-        """See `Transport.newest_round`; first takes in, without waiting, what is already queued."""
-        while self._router.poll(0):
-            connection, *frames = self._router.recv_multipart(copy=False)
-            self._admit(connection.bytes, frames, None)
-        return max((r for k, r, _ in self._inbox if k == kind), default=-1)
+    def _take(self) -> None:
+        """Receive one message and admit or drop it; nothing it causes escapes."""
+        routing_id, *frames = self._router.recv_multipart(copy=False)
+        try:
+            self._admit(routing_id, frames)
+        except Exception as error:  # a bug reached by a message must cost that message only
+            self._reject("internal_error", f"connection {routing_id.bytes.hex()}",
+                         f"{type(error).__name__}: {wire.excerpt(str(error))}")
 
-    def _admit(self, connection: bytes, frames: list[zmq.Frame], current: Key | None) -> None:
-        """Decode and check one incoming message, then hand it to the current receive, keep it for
-        a later one, or drop it with a reason. `current` is None outside a receive."""
+    def _admit(self, routing_id: zmq.Frame, frames: list[zmq.Frame]) -> None:
+        connection = self._connections.delivered(routing_id, frames)
+        if not connection.take_token(self._epoch, self.limits.burst):
+            return self._reject("rate_limited", f"connection {routing_id.bytes.hex()}")
         try:
             message = wire.decode(frames, self.layout_hash, self.vector_size, self.max_message_bytes)
         except wire.WireError as error:
-            return self._reject(error.reason, f"connection {connection.hex()}", str(error))
+            return self._reject(error.reason, f"connection {routing_id.bytes.hex()}", str(error))
         peer = f"node {message.sender}"
+        if message.kind not in self.kinds:
+            return self._reject("unexpected_kind", peer, message.kind)
         if message.sender not in self.peers:
             return self._reject("unknown_sender", peer)
         if self._node_of_key and self._node_of_key.get(frames[0].get("User-Id")) != message.sender:
             return self._reject("spoofed_sender", peer)
-        key = (message.kind, message.round, message.step)
-        if key != current and self._is_late(key, current):
-            return self._reject("late", peer)
-        if message.sender in self._inbox.get(key, {}):
-            return self._reject("duplicate", peer)
-        if key != current and sum(len(b) for k, b in self._inbox.items() if k != current) >= self.max_buffered:
-            return self._reject("buffer_full", peer)
-        self._inbox.setdefault(key, {})[message.sender] = message
+        connection.valid_at = time.monotonic()
+        self._inbox.offer(message, routing_id.bytes, authenticated=bool(self._node_of_key))
 
-    def _is_late(self, key: Key, current: Key | None) -> bool:
-        kind, position = key[0], key[1:]
-        done = self._done.get(kind)
-        return ((current is not None and kind == current[0] and position < current[1:])
-                or (done is not None and position <= done))
-
-    def _drop_late(self, current: Key) -> None:
-        for key in [k for k in self._inbox if k != current and self._is_late(k, current)]:
-            for sender in self._inbox.pop(key):
-                self._reject("late", f"node {sender}")
+    def _update_counts(self) -> None:
+        """Copy in the counts kept by other threads (under reasons only they use)."""
+        for reason, count in self._connections.counts().items():
+            self.rejected[reason] = count
+        if self._listed is not None and self._listed.denied:
+            self.rejected["unauthenticated"] = self._listed.denied
 
     def _reject(self, reason: str, peer: str, detail: str = "") -> None:
         self.rejected[reason] += 1
         if (peer, reason) not in self._logged and len(self._logged) < MAX_LOGGED:
             self._logged.add((peer, reason))
-            log.warning("node %d dropped a message from %s: %s", self.node_id, peer, detail or reason)
+            log.warning("node %d dropped a message from %s: %s", self.node_id, peer, (detail or reason)[:200])
 
     def close(self, linger_s: float = 1.0) -> None:
         """Close the sockets, giving queued sends up to `linger_s` to leave (a node's last message
-        is often still queued when it finishes); stop the authenticator; end an owned context."""
+        is often still queued when it finishes); stop the watcher and the authenticator; end an
+        owned context."""
+        if self._connections is not None:
+            self._connections.close()
         for socket in self._dealers.values():
             socket.close(linger=int(linger_s * 1000))
         if self._router is not None:
