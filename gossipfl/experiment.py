@@ -176,7 +176,7 @@ class Experiment:
         """What an honest node applies to what it received: the guard (where `guarded`), then
         robust.filters in order, for a population of `population` nodes."""
         r = self.cfg.robust
-        context = FilterContext(self.build_model(0).layout, self.cfg.rounds, self.cfg.seed,
+        context = FilterContext(self.layout, self.cfg.rounds, self.cfg.seed,
                                 self.recall(device) if self.needs_validation else None)
         chain = [self.guard(population)] if self.guarded(network) else []
         chain += [resolve_filter(name, population, context, **r.options.get(name, {})) for name in r.filters]
@@ -196,6 +196,11 @@ class Experiment:
         module = models.build(m.name, self.dataset.input_shape, self.dataset.num_classes,
                               hidden=m.hidden, width=m.width)
         return FlatModel(module)
+
+    @cached_property
+    def layout(self) -> Layout:
+        """The model's flat layout (the same for every node)."""
+        return self.build_model(0).layout
 
     def stacked_model(self, training: bool) -> StackedModule:
         """The architecture as a batched function of (B, d) parameter rows, in training or eval mode."""

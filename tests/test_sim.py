@@ -150,3 +150,17 @@ def test_an_interrupted_simulation_resumes_to_the_same_final_parameters(small_co
     assert torch.equal(final.vector, checkpoint.load_latest(tmp_path / "whole" / CHECKPOINTS, layout).vector)
     expected = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["bytes_sent_total"] == expected["bytes_sent_total"]
+
+
+def test_a_nan_vector_over_the_memory_transport_is_dropped_and_counted_as_over_zeromq(small_config):
+    from gossipfl.transport.base import Message
+    sim = Simulation(small_config(engine="nodes"), progress=False)
+    sender, receiver = sim.nodes[0], sim.nodes[1]
+    poisoned = sender.vector.clone()
+    poisoned[3] = float("nan")
+    before = receiver.vector.clone()
+    sender.transport.send(1, Message("model", 0, 0, 0, poisoned))
+    sender.transport.send(1, Message("model", 0, 0, 1, sender.vector[:10].clone()))  # wrong length
+    assert receiver.transport.rejected == {"non_finite": 1, "bad_length": 1}
+    receiver.receive_and_merge(0, 0)
+    assert torch.equal(receiver.vector, before) and torch.isfinite(receiver.vector).all()

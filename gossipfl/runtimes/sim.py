@@ -56,7 +56,7 @@ class NodeEngine:
     resumable = True  # state() and restore() hold all of it between rounds
 
     def __init__(self, experiment: Experiment, network: MemoryNetwork | None = None):
-        self.network = MemoryNetwork() if network is None else network
+        self.network = MemoryNetwork(experiment.layout.size) if network is None else network
         self.nodes = [experiment.make_node(i, self.network.endpoint(i), network=False) for i in range(experiment.n)]
         self.honest, self.attackers, self.seed = experiment.honest, set(experiment.attackers), experiment.cfg.seed
 
@@ -177,7 +177,7 @@ class Simulation:
         self.evaluator = self.experiment.evaluator(self.device)
         self.run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output, cfg.name)
         self.progress = progress
-        self.layout = self.experiment.build_model(0).layout.digest()
+        self.layout = self.experiment.layout.digest()
         self.start_round, self.wall_before = 0, 0.0  # where a resumed run picks up
 
     @classmethod

@@ -28,8 +28,8 @@ from .sim import NodeEngine
 class TimedNetwork(MemoryNetwork):
     """Mailboxes whose letters arrive after their link's latency on the virtual clock."""
 
-    def __init__(self, latencies: dict[tuple[int, int], float]):
-        super().__init__()
+    def __init__(self, vector_size: int, latencies: dict[tuple[int, int], float]):
+        super().__init__(vector_size)
         self.latencies, self.now = latencies, 0.0
         self.in_flight: list[tuple[float, int, int, Any]] = []  # (arrival, sequence, destination, message)
         self._sequence = 0
@@ -56,8 +56,8 @@ class VirtualClockEngine(NodeEngine):
     def __init__(self, experiment: Experiment):
         cfg = experiment.cfg
         t = cfg.timing
-        super().__init__(experiment, TimedNetwork(link_latencies(list(experiment.graph.edges), t.latency_s,
-                                                                 t.latency_spread, cfg.seed)))
+        super().__init__(experiment, TimedNetwork(experiment.layout.size, link_latencies(
+            list(experiment.graph.edges), t.latency_s, t.latency_spread, cfg.seed)))
         self.compute = compute_times(experiment.n, t.compute_s, t.compute_spread, experiment.slow_nodes,
                                      t.slow_factor, cfg.seed)
         self.decay = cfg.gossip.staleness_decay
