@@ -14,20 +14,7 @@ from gossipfl.experiment import Experiment
 from gossipfl.runtimes.launch import LaunchError, deployment, launch, start_node, stop_all
 from gossipfl.runtimes.process import node_dir
 from gossipfl.runtimes.sim import Simulation
-
-
-def read_rows(run_dir, node):
-    path = node_dir(run_dir, node) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from process_helpers import deployed, read_rows, wait_for
 
 
 def test_launch_matches_the_in_process_engine(small_config, tmp_path):
@@ -63,20 +50,6 @@ def test_a_node_that_cannot_start_fails_the_launch_and_stops_the_rest(small_conf
         assert time.monotonic() - start < 60
     finally:
         blocker.close()
-
-
-@pytest.fixture
-def processes():
-    procs = []
-    yield procs
-    stop_all(procs, grace=2.0)
-
-
-def deployed(cfg: ExperimentConfig, run_dir):
-    cfg = deployment(Experiment(cfg), run_dir)
-    path = run_dir / "config.toml"
-    path.write_text(cfg.to_toml())
-    return cfg, path
 
 
 def test_killed_node_costs_its_neighbours_a_deadline_and_rejoins_with_resume(small_config, tmp_path, processes):
