@@ -108,3 +108,14 @@ def test_launch_with_curve_keys_runs_encrypted_and_authenticated(small_config, t
     assert summary["rounds"] == 2
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(line["missing"] == 0 and line["rejected"] == {} for line in lines)
+
+
+def test_an_attacker_process_is_caught_by_its_neighbours_filters(small_config, tmp_path):
+    cfg = small_config(topology__nodes=4, rounds=4, byzantine__attack="gaussian", byzantine__nodes=[2],
+                       byzantine__options={"sigma": 1.0}, robust__filters=["clipped_gossip"])
+    summary = launch(cfg, tmp_path / "run", progress=False)
+    assert summary["status"] == "complete" and summary["attackers"] == [2]
+    assert [s["node"] for s in summary["suspected"]] == [2]
+    assert summary["suspects_precision"] == 1.0 and summary["suspects_recall"] == 1.0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["flagged"] > 0 and lines[-1]["nodes_reporting"] == 4

@@ -30,6 +30,7 @@ from ..algorithms.schedule import Broadcast
 from ..allocation import reuse_large_allocations
 from ..transport.limits import Limits, raise_open_file_limit
 from ..transport.zmq import ZmqTransport
+from .attacker import AttackerView
 from .node import MODEL, PAIR_REPLY, PAIR_REQUEST, Node
 
 log = logging.getLogger("gossipfl.node")
@@ -94,6 +95,7 @@ class NodeProcess:
         self.layout = probe.layout.digest()
         self.transport = make_transport(cfg, self.experiment, node_id, self.layout, probe.layout.size)
         self.node: Node = self.experiment.make_node(node_id, self.transport, network=True)
+        self.attacker = AttackerView(self.experiment, self.node) if self.node.attack else None
         self.evaluator = self.experiment.evaluator()
         self.start_round, self.resumed = 0, resume
         self.io_errors = 0
@@ -115,15 +117,18 @@ class NodeProcess:
         """This node's part of the round plan, in the plan's order: every broadcast step, and the
         pairs that involve it (in the global firing order that every process draws alike, so
         disjoint pairs run concurrently and no pair waits in a cycle)."""
-        node, r = self.node, round_index
+        node, r, attacker = self.node, round_index, self.attacker
         steps: list[Callable[[], Any]] = []
         for e in self.experiment.plan(r).involving(self.id):
             if isinstance(e, Broadcast):
-                steps.append(lambda q=e.step: (node.send(r, q), node.receive_and_merge(r, q)))
+                steps.append((lambda q=e.step: attacker.broadcast(r, q)) if attacker else
+                             (lambda q=e.step: (node.send(r, q), node.receive_and_merge(r, q))))
             elif e.owner == self.id:
-                steps.append(lambda s=e.seq, p=e.peer: (node.request_pair(p, r, s), node.finish_pair(p, r, s)))
+                steps.append(lambda s=e.seq, p=e.peer: (
+                    node.request_pair(p, r, s, vector=attacker and attacker.sent_to(p, r, s)), node.finish_pair(p, r, s)))
             else:
-                steps.append(lambda s=e.seq, o=e.owner: node.answer_pair(o, r, s))
+                steps.append(lambda s=e.seq, o=e.owner: node.answer_pair(o, r, s, attack=attacker and (
+                    lambda request: (attacker.learn({o: request}), attacker.sent_to(o, r, s))[1])))
         return steps
 
     def gossip(self, round_index: int) -> bool:
@@ -181,7 +186,7 @@ class NodeProcess:
         self.best_effort("final.npy", lambda: save_array(self.dir / "final.npy", self.node.vector.numpy()), attempts=5)
         summary = {"node": self.id, "rounds_completed": completed + 1, "stopped_early": completed < cfg.rounds - 1,
                    "bytes_sent": self.transport.bytes_sent, "rejected": dict(self.transport.rejected),
-                   **self.node.counters.as_dict(), "io_errors": self.io_errors,
+                   **self.node.counters.as_dict(), "observed": self.node.counters.state(), "io_errors": self.io_errors,
                    "wall_seconds": time.perf_counter() - started,
                    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         self.best_effort("summary.json", lambda: (self.dir / "summary.json").write_text(json.dumps(summary, indent=2)
