@@ -21,7 +21,7 @@ from process_helpers import deployed, read_rows, wait_for
 from zmtp import zmtp_connect, zmtp_frame
 
 ROUNDS = 10
-DEADLINE = 4.0  # a node that waited out a deadline shows as a round over DEADLINE / 2
+DEADLINE = 4.0  # a node that waited out a deadline shows as a round that much over the clean run's
 
 
 def run(cfg, run_dir, procs, attack=None):
@@ -51,6 +51,7 @@ def test_every_attack_leaves_every_node_running_to_the_end(small, tmp_path, proc
     clean_acc = [s["rounds_completed"] for s in summaries(tmp_path / "clean", 4)]
     assert clean_acc == [ROUNDS] * 4
     clean_rows = [read_rows(tmp_path / "clean", i)[-1] for i in range(4)]
+    usual = max(r["round_seconds"] for i in range(4) for r in read_rows(tmp_path / "clean", i))
     processes.clear()
 
     def attack(deployed):
@@ -99,7 +100,8 @@ def test_every_attack_leaves_every_node_running_to_the_end(small, tmp_path, proc
     assert [s["rounds_completed"] for s in done] == [ROUNDS] * 4 and not any(s["stopped_early"] for s in done)
     rows = read_rows(attacked_dir, 0)
     assert [r["round"] for r in rows] == list(range(ROUNDS))  # no round skipped to 2**31 - 1
-    assert max(r["round_seconds"] for r in rows[4:]) < DEADLINE / 2  # no step waited out a deadline
+    slowest = max(r["round_seconds"] for r in rows[4:])
+    assert slowest < usual + DEADLINE / 2, (slowest, usual)  # no step waited out a deadline
     rejected = done[0]["rejected"]
     for reason in ("wrong_version", "bad_header", "unexpected_kind", "too_far_ahead", "connection_memory",
                    "connection_evicted"):
