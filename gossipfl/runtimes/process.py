@@ -98,6 +98,7 @@ class NodeProcess:
         self.attacker = AttackerView(self.experiment, self.node) if self.node.attack else None
         self.evaluator = self.experiment.evaluator()
         self.start_round, self.resumed = 0, resume
+        self.lock_step = cfg.gossip.schedule != "async"  # the rounds of lock-step schedules are rejoined
         self.io_errors = 0
         saved = checkpoint.load_latest(self.dir, self.layout) if resume else None
         if saved is not None:
@@ -134,7 +135,13 @@ class NodeProcess:
     def gossip(self, round_index: int) -> bool:
         """Run this round's exchanges; False if a stop request cut the round short. The very first
         exchange of a fresh start waits up to startup_s, while peers may still be starting (a
-        resumed node's peers are running already: it waits the usual deadline)."""
+        resumed node's peers are running already: it waits the usual deadline). Asynchronous
+        gossip waits for nobody: merge what arrived since the last merge, send, go on."""
+        if self.cfg.gossip.schedule == "async":
+            node = self.node
+            node.merge_arrived(list(self.transport.drain(MODEL).values()), round_index, self.cfg.gossip.staleness_decay)
+            node.send(round_index, 0)
+            return True
         exchanges = self.exchanges(round_index)
         for i, exchange in enumerate(exchanges):
             first = round_index == self.start_round and i == 0 and not self.resumed
@@ -148,18 +155,21 @@ class NodeProcess:
         cfg = self.cfg
         started = time.perf_counter()
         completed = self.start_round - 1
-        if self.resumed:
+        if self.resumed and self.lock_step:
             self.hear_from_neighbours()
         with (self.dir / "metrics.jsonl").open("a") as metrics:
             r = self.start_round
+            slowdown = cfg.timing.slow_factor - 1 if self.id in self.experiment.slow_nodes else 0.0
             while r < cfg.rounds and not self.stopping.is_set():
-                ahead = backed_round(self.transport.claimed_rounds(), r, cfg.rounds)
+                ahead = backed_round(self.transport.claimed_rounds(), r, cfg.rounds) if self.lock_step else r
                 if ahead > r:  # neighbours moved on while this node was down: rejoin at their round
                     log.info("node %d skips rounds %d..%d to rejoin", self.id, r, ahead - 1)
                     r = ahead
                 round_start = time.perf_counter()
                 loss = self.node.train(r)
                 train_seconds = time.perf_counter() - round_start
+                if slowdown:  # timing.slow: this node emulates a slower host
+                    self.stopping.wait(slowdown * train_seconds)
                 if not self.gossip(r):
                     break
                 stats = self.node.stats(r, loss)
