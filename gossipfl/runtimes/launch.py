@@ -223,24 +223,24 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
 
     status = "complete"
     try:
-        while any(s.state == "live" for s in slots):
-            collect()
-            for slot in slots:
-                code = slot.proc.poll() if slot.state == "live" else None
-                if code is not None:
-                    settle(slot, code)
-            time.sleep(poll_s)
-    except KeyboardInterrupt:
-        status = "interrupted"
-        stop_all([s.proc for s in slots])  # SIGTERM: each node ends after its current step, with a summary
-    try:
+        try:
+            while any(s.state == "live" for s in slots):
+                collect()
+                for slot in slots:
+                    code = slot.proc.poll() if slot.state == "live" else None
+                    if code is not None:
+                        settle(slot, code)
+                time.sleep(poll_s)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            stop_all([s.proc for s in slots])  # SIGTERM: each node ends after its current step, with a summary
         collect()
         dead = sorted(s.id for s in slots if s.state == "dead")
         return writer.write_summary(status, nodes=n, dataset=experiment.dataset.name, run_dir=str(run_dir),
                                     runtime="launch", dead_nodes=dead, node_events=events,
                                     restarts=sum(s.restarts for s in slots),
                                     **experiment.misbehaviour(observations(run_dir, experiment.honest)))
-    finally:
+    finally:  # also when a node failed to start: no process outlives the launch
         bar.close()
         stop_all([s.proc for s in slots])
         writer.close()
