@@ -81,8 +81,11 @@ def deployed(cfg: ExperimentConfig, run_dir):
 
 def test_killed_node_costs_its_neighbours_a_deadline_and_rejoins_with_resume(small_config, tmp_path, processes):
     run_dir = tmp_path / "run"
+    # Without failure detection, so that every step pays the deadline and the others are still
+    # running when node 1 is back (with it, they finish the 12 rounds before node 1 has started).
     cfg, path = deployed(small_config(topology__nodes=4, rounds=12, train__local_steps=30, gossip__steps=1,
-                                      deploy__deadline_s=1.0, deploy__checkpoint_every=1), run_dir)
+                                      deploy__deadline_s=1.0, deploy__checkpoint_every=1,
+                                      deploy__failure_detection=False), run_dir)
     processes += [start_node(path, run_dir, i) for i in range(4)]
     wait_for(lambda: len(read_rows(run_dir, 1)) >= 2, 90, "node 1 to finish two rounds")
     processes[1].send_signal(signal.SIGKILL)
