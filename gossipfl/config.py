@@ -246,6 +246,49 @@ class ByzantineConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Who trains each round: everyone (none: decentralized gossip), a MoDeST sample decided by
+    every node from its view of the population (modest), or a server's uniform sample as the
+    federated-learning reference (fedavg). The churn schedule applies to modest and fedavg."""
+    kind: str = "none"
+    sample_size: int = 0         # s; 0 = max(2, n // 10)
+    aggregators: int = 1         # a: aggregators per round (modest)
+    success_fraction: float = 1.0  # sf: an aggregator merges once ceil(sf * s) trained models arrived
+    inactivity_rounds: int = 50  # a peer silent this long leaves the candidates
+    ping_timeout_s: float = 5.0  # node processes: give up on a candidate that does not answer
+    ping_interval_s: float = 1.0  # node processes: ping again this often until then
+    crash_at: int = -1           # churn: from this round on, crash_nodes stop answering (-1 = never)
+    crash_nodes: list[int] = field(default_factory=list)
+    crash_fraction: float = 0.0  # or this share of the nodes, placed from the seed
+    leave_at: int = -1           # leave_nodes announce that they leave, then stop
+    leave_nodes: list[int] = field(default_factory=list)
+    join_at: int = -1            # join_nodes are not members until they announce themselves then
+    join_nodes: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        from .algorithms.sampling import SAMPLING_KINDS
+        _choice("sampling.kind", self.kind, SAMPLING_KINDS)
+        _positive("sampling.sample_size", self.sample_size, allow_zero=True)
+        _positive("sampling.aggregators", self.aggregators)
+        if not 0 < self.success_fraction <= 1:
+            raise ConfigError(f"sampling.success_fraction = {self.success_fraction!r} must lie in (0, 1]")
+        _positive("sampling.inactivity_rounds", self.inactivity_rounds)
+        _positive("sampling.ping_timeout_s", self.ping_timeout_s)
+        _positive("sampling.ping_interval_s", self.ping_interval_s)
+        _in_range("sampling.crash_fraction", self.crash_fraction, 0.0, 1.0)
+        if self.crash_nodes and self.crash_fraction:
+            raise ConfigError("sampling.crash_nodes and sampling.crash_fraction both choose who crashes: give one")
+        for event in ("crash", "leave", "join"):
+            nodes, at = getattr(self, f"{event}_nodes"), getattr(self, f"{event}_at")
+            if any(i < 0 for i in nodes) or len(set(nodes)) != len(nodes):
+                raise ConfigError(f"sampling.{event}_nodes = {nodes} must be distinct node ids >= 0")
+            if (nodes or (event == "crash" and self.crash_fraction)) and at < 0:
+                raise ConfigError(f"sampling.{event}_at must name the round the {event} happens")
+        if self.join_at == 0:
+            raise ConfigError("sampling.join_at must be >= 1: nodes there from round 0 are members already")
+
+
+@dataclass
 class TimingConfig:
     """How long things take, for the asynchronous schedule: a virtual clock in `simulate`, a real
     slowdown of the listed nodes in node processes (to study or test heterogeneous networks)."""
@@ -327,6 +370,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     byzantine: ByzantineConfig = field(default_factory=ByzantineConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 

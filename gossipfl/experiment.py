@@ -21,6 +21,7 @@ from .algorithms import schedule
 from .algorithms.merge import Merger
 from .algorithms.attacks import Attack, AttackContext, resolve_attack
 from .algorithms.robust import DistanceGuard, FilterChain, FilterContext, resolve_filter
+from .algorithms.sampling import Churn, default_sample_size
 from .algorithms.schedule import RoundPlan
 from .algorithms.train import LocalTraining, learning_rate, local_batches, module_gradient
 from .config import ConfigError, ExperimentConfig
@@ -162,6 +163,25 @@ class Experiment:
         """The run summary's account of who attacked and who was suspected of it."""
         report = suspects(observations, self.cfg.byzantine.suspect_threshold, self.attackers)
         return {"attackers": self.attackers, **report}
+
+    @cached_property
+    def churn(self) -> Churn:
+        """sampling's churn schedule, with crash_fraction placed from the seed and ids checked."""
+        s = self.cfg.sampling
+        for event in ("crash", "leave", "join"):
+            nodes = getattr(s, f"{event}_nodes")
+            if any(i >= self.n for i in nodes):
+                raise ConfigError(f"sampling.{event}_nodes = {nodes} names a node beyond the {self.n} nodes")
+        crash = s.crash_nodes
+        if s.crash_fraction:
+            rng = np.random.default_rng(round_seed(self.cfg.seed, PLACEMENT_STREAM, 1))
+            crash = rng.choice(self.n, round(s.crash_fraction * self.n), replace=False).tolist()
+        return Churn(self.n, s.crash_at, frozenset(crash), s.leave_at, frozenset(s.leave_nodes), s.join_at,
+                     frozenset(s.join_nodes))
+
+    @property
+    def sample_size(self) -> int:
+        return min(self.cfg.sampling.sample_size or default_sample_size(self.n), self.n)
 
     def recall(self, device: torch.device | str = "cpu") -> ValidationRecall:
         """Bristle's judge: models' per-class recall on each node's validation split."""

@@ -17,6 +17,7 @@ FILTER_STREAM = 2**31 + 3  # a "node" id no graph has: its seeds draw Bristle's 
 ATTACK_STREAM = 2**31 + 4  # a "node" id no graph has: its seeds draw the attackers' noise
 PLACEMENT_STREAM = 2**31 + 5  # a "node" id no graph has: its seed places the attackers
 VALIDATION_STREAM = 2**31 + 6  # a "node" id no graph has: its seed draws the nodes' validation splits
+SAMPLE_STREAM = 2**31 + 7  # a "node" id no graph has: its seeds draw fedavg's samples and churn announcements
 
 
 def round_seed(*parts: int) -> int:

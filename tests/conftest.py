@@ -26,3 +26,12 @@ def small_config(tmp_path):
             (data.setdefault(section, {}) if section else data)[field] = value
         return config.from_dict(data)
     return make
+
+
+@pytest.fixture
+def processes():
+    """A list to put started node processes in; all are stopped after the test, pass or fail."""
+    from gossipfl.runtimes import stop_all
+    procs = []
+    yield procs
+    stop_all(procs, grace=2.0)

@@ -86,3 +86,24 @@ def test_choices_come_from_the_modules_that_implement_them():
     assert tuple(WEIGHT_SCHEMES) == tuple(weights.METHODS)
     with pytest.raises(config.ConfigError, match="fmmc_first_order"):  # the message lists the table
         config.from_dict({"gossip": {"weights": "fastest"}})
+
+
+def test_user_filters_and_attacks_are_checked_at_load_and_run(small_config, tmp_path, monkeypatch):
+    (tmp_path / "load_check_rules.py").write_text(
+        "from gossipfl.algorithms.robust import FilterOutput\n"
+        "calls = []\n"
+        "def keep_all(batch):\n"
+        "    calls.append(len(batch.received))\n"
+        "    return FilterOutput(batch.received, batch.weights, batch.weights[:, 1:] * 0)\n"
+        "def two_arguments(batch, extra):\n"
+        "    return batch\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(config.ConfigError, match="robust.filters.*load_check_rules:two_arguments"):
+        small_config(robust__filters=["load_check_rules:two_arguments"])
+    with pytest.raises(config.ConfigError, match="byzantine.attack.*no_such_module"):
+        small_config(byzantine__attack="no_such_module:f", byzantine__nodes=[1])
+    from gossipfl.runtimes.sim import Simulation
+    import load_check_rules
+    sim = Simulation(small_config(robust__filters=["load_check_rules:keep_all"], engine="vectorized"), progress=False)
+    sim.step(0)
+    assert load_check_rules.calls and all(k == 2 for k in load_check_rules.calls)  # a ring: two senders per node

@@ -5,6 +5,7 @@ import json
 import signal
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,20 +15,7 @@ from gossipfl.experiment import Experiment
 from gossipfl.runtimes.launch import LaunchError, deployment, launch, start_node, stop_all
 from gossipfl.runtimes.process import node_dir
 from gossipfl.runtimes.sim import Simulation
-
-
-def read_rows(run_dir, node):
-    path = node_dir(run_dir, node) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from process_helpers import deployed, read_rows, wait_for
 
 
 def test_launch_matches_the_in_process_engine(small_config, tmp_path):
@@ -61,22 +49,22 @@ def test_a_node_that_cannot_start_fails_the_launch_and_stops_the_rest(small_conf
                                               rf"'{taken}': cannot listen there"):
             launch(cfg, tmp_path / "run", progress=False)
         assert time.monotonic() - start < 60
+        assert not running_nodes_of(tmp_path / "run"), "the other nodes must be stopped, not left running"
     finally:
         blocker.close()
 
 
-@pytest.fixture
-def processes():
-    procs = []
-    yield procs
-    stop_all(procs, grace=2.0)
-
-
-def deployed(cfg: ExperimentConfig, run_dir):
-    cfg = deployment(Experiment(cfg), run_dir)
-    path = run_dir / "config.toml"
-    path.write_text(cfg.to_toml())
-    return cfg, path
+def running_nodes_of(run_dir):
+    """Process ids whose command line reads this run folder's config (what a leak would leave)."""
+    config = str(run_dir / "config.toml").encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and config in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_killed_node_costs_its_neighbours_a_deadline_and_rejoins_with_resume(small_config, tmp_path, processes):
@@ -138,3 +126,14 @@ def test_launch_with_curve_keys_runs_encrypted_and_authenticated(small_config, t
     assert summary["rounds"] == 2
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(line["missing"] == 0 and line["rejected"] == {} for line in lines)
+
+
+def test_an_attacker_process_is_caught_by_its_neighbours_filters(small_config, tmp_path):
+    cfg = small_config(topology__nodes=4, rounds=4, byzantine__attack="gaussian", byzantine__nodes=[2],
+                       byzantine__options={"sigma": 1.0}, robust__filters=["clipped_gossip"])
+    summary = launch(cfg, tmp_path / "run", progress=False)
+    assert summary["status"] == "complete" and summary["attackers"] == [2]
+    assert [s["node"] for s in summary["suspected"]] == [2]
+    assert summary["suspects_precision"] == 1.0 and summary["suspects_recall"] == 1.0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["flagged"] > 0 and lines[-1]["nodes_reporting"] == 4

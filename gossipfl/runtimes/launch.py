@@ -113,25 +113,39 @@ class MetricsFollower:
         return done
 
 
-def aggregate(rows: list[dict[str, Any]], started: float) -> dict[str, Any]:
-    """One line of the run's metrics.jsonl from the nodes' lines of the same round."""
+def aggregate(rows: list[dict[str, Any]], started: float, attackers: set[int] = frozenset()) -> dict[str, Any]:
+    """One line of the run's metrics.jsonl from the nodes' lines of the same round; accuracy and
+    loss are the honest nodes' (attackers, in an evaluation run, are left out)."""
+    everyone, rows = rows, [r for r in rows if r["node"] not in attackers]
     rejected: dict[str, int] = {}
     for r in rows:
         for reason, count in r["rejected"].items():
             rejected[reason] = rejected.get(reason, 0) + count
-    record = {"round": rows[0]["round"], "nodes_reporting": len(rows),
-              "train_loss": float(np.mean([r["train_loss"] for r in rows])),
-              "bytes_sent": sum(r["bytes_sent"] for r in rows), "missing": sum(r["missing"] for r in rows),
+    record = {"round": everyone[0]["round"], "nodes_reporting": len(everyone),
+              "train_loss": float(np.mean([r["train_loss"] for r in rows])) if rows else None,
+              "bytes_sent": sum(r["bytes_sent"] for r in everyone), "missing": sum(r["missing"] for r in rows),
               "rejected": rejected, "flagged": sum(sum(r["flagged"].values()) for r in rows),
               "rolled_back": sum(r["rolled_back"] for r in rows),
-              "round_seconds": max(r["round_seconds"] for r in rows),
-              "train_seconds": max(r["train_seconds"] for r in rows), "wall_seconds": time.perf_counter() - started}
-    if all("accuracy" in r for r in rows):
+              "round_seconds": max(r["round_seconds"] for r in everyone),
+              "train_seconds": max(r["train_seconds"] for r in everyone), "wall_seconds": time.perf_counter() - started}
+    if rows and all("accuracy" in r for r in rows):
         acc = [r["accuracy"] for r in rows]
         record.update(accuracy_mean=float(np.mean(acc)), accuracy_min=float(np.min(acc)),
                       accuracy_max=float(np.max(acc)),
                       accuracy_local_mean=float(np.nanmean([r["accuracy_local"] for r in rows])))
     return record
+
+
+def observations(run_dir: Path, honest: list[int]) -> dict[tuple[int, int], tuple[int, float]]:
+    """(observer, sender) -> (messages merged, summed suspicion), from the honest nodes' summaries."""
+    seen = {}
+    for i in honest:
+        path = node_dir(run_dir, i) / "summary.json"
+        if path.is_file():
+            observed = json.loads(path.read_text())["observed"]
+            for sender, messages in observed["messages"].items():
+                seen[i, int(sender)] = (messages, observed["suspicion"][sender])
+    return seen
 
 
 def network_metrics(run_dir: Path, nodes: list[int], round_index: int, evaluator: Evaluator) -> dict[str, float]:
@@ -176,14 +190,16 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
     follower = MetricsFollower(run_dir, n)
     bar = tqdm(total=cfg.rounds, desc=f"{cfg.name} ({n} processes)", unit="round", disable=not progress)
     evaluator = experiment.evaluator()
+    attackers = set(experiment.attackers)
     events: list[dict[str, Any]] = []
 
     def collect() -> None:
         gone = {s.id for s in slots if s.state != "live"}
         for rows in follower.poll(gone, cfg.rounds):
-            record = aggregate(rows, started)
+            record = aggregate(rows, started, attackers)
             if "accuracy_mean" in record:
-                record.update(network_metrics(run_dir, [r["node"] for r in rows], record["round"], evaluator))
+                record.update(network_metrics(run_dir, [r["node"] for r in rows if r["node"] not in attackers],
+                                              record["round"], evaluator))
             writer.log(record)
             bar.update(1)
         live = sum(s.state == "live" for s in slots)
@@ -207,23 +223,24 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
 
     status = "complete"
     try:
-        while any(s.state == "live" for s in slots):
-            collect()
-            for slot in slots:
-                code = slot.proc.poll() if slot.state == "live" else None
-                if code is not None:
-                    settle(slot, code)
-            time.sleep(poll_s)
-    except KeyboardInterrupt:
-        status = "interrupted"
-        stop_all([s.proc for s in slots])  # SIGTERM: each node ends after its current step, with a summary
-    try:
+        try:
+            while any(s.state == "live" for s in slots):
+                collect()
+                for slot in slots:
+                    code = slot.proc.poll() if slot.state == "live" else None
+                    if code is not None:
+                        settle(slot, code)
+                time.sleep(poll_s)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            stop_all([s.proc for s in slots])  # SIGTERM: each node ends after its current step, with a summary
         collect()
         dead = sorted(s.id for s in slots if s.state == "dead")
         return writer.write_summary(status, nodes=n, dataset=experiment.dataset.name, run_dir=str(run_dir),
                                     runtime="launch", dead_nodes=dead, node_events=events,
-                                    restarts=sum(s.restarts for s in slots))
-    finally:
+                                    restarts=sum(s.restarts for s in slots),
+                                    **experiment.misbehaviour(observations(run_dir, experiment.honest)))
+    finally:  # also when a node failed to start: no process outlives the launch
         bar.close()
         stop_all([s.proc for s in slots])
         writer.close()

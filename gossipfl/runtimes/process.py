@@ -31,6 +31,7 @@ from ..allocation import reuse_large_allocations
 from ..transport.limits import Limits, raise_open_file_limit
 from ..transport.liveness import Detection, as_document
 from ..transport.zmq import ZmqTransport
+from .attacker import AttackerView
 from .node import MODEL, PAIR_REPLY, PAIR_REQUEST, Node
 
 log = logging.getLogger("gossipfl.node")
@@ -97,8 +98,10 @@ class NodeProcess:
         self.layout = probe.layout.digest()
         self.transport = make_transport(cfg, self.experiment, node_id, self.layout, probe.layout.size)
         self.node: Node = self.experiment.make_node(node_id, self.transport, network=True)
+        self.attacker = AttackerView(self.experiment, self.node) if self.node.attack else None
         self.evaluator = self.experiment.evaluator()
         self.start_round, self.resumed = 0, resume
+        self.lock_step = cfg.gossip.schedule != "async"  # the rounds of lock-step schedules are rejoined
         self.io_errors = 0
         self.round, self.completed, self.accuracy = 0, -1, None  # what a status query reports
         self.transport.set_status(self.status)
@@ -126,21 +129,30 @@ class NodeProcess:
         """This node's part of the round plan, in the plan's order: every broadcast step, and the
         pairs that involve it (in the global firing order that every process draws alike, so
         disjoint pairs run concurrently and no pair waits in a cycle)."""
-        node, r = self.node, round_index
+        node, r, attacker = self.node, round_index, self.attacker
         steps: list[Callable[[], Any]] = []
         for e in self.experiment.plan(r).involving(self.id):
             if isinstance(e, Broadcast):
-                steps.append(lambda q=e.step: (node.send(r, q), node.receive_and_merge(r, q)))
+                steps.append((lambda q=e.step: attacker.broadcast(r, q)) if attacker else
+                             (lambda q=e.step: (node.send(r, q), node.receive_and_merge(r, q))))
             elif e.owner == self.id:
-                steps.append(lambda s=e.seq, p=e.peer: (node.request_pair(p, r, s), node.finish_pair(p, r, s)))
+                steps.append(lambda s=e.seq, p=e.peer: (
+                    node.request_pair(p, r, s, vector=attacker and attacker.sent_to(p, r, s)), node.finish_pair(p, r, s)))
             else:
-                steps.append(lambda s=e.seq, o=e.owner: node.answer_pair(o, r, s))
+                steps.append(lambda s=e.seq, o=e.owner: node.answer_pair(o, r, s, attack=attacker and (
+                    lambda request: (attacker.learn({o: request}), attacker.sent_to(o, r, s))[1])))
         return steps
 
     def gossip(self, round_index: int) -> bool:
         """Run this round's exchanges; False if a stop request cut the round short. The very first
         exchange of a fresh start waits up to startup_s, while peers may still be starting (a
-        resumed node's peers are running already: it waits the usual deadline)."""
+        resumed node's peers are running already: it waits the usual deadline). Asynchronous
+        gossip waits for nobody: merge what arrived since the last merge, send, go on."""
+        if self.cfg.gossip.schedule == "async":
+            node = self.node
+            node.merge_arrived(list(self.transport.drain(MODEL).values()), round_index, self.cfg.gossip.staleness_decay)
+            node.send(round_index, 0)
+            return True
         exchanges = self.exchanges(round_index)
         for i, exchange in enumerate(exchanges):
             first = round_index == self.start_round and i == 0 and not self.resumed
@@ -154,12 +166,13 @@ class NodeProcess:
         cfg = self.cfg
         started = time.perf_counter()
         completed = self.start_round - 1
-        if self.resumed:
+        if self.resumed and self.lock_step:
             self.hear_from_neighbours()
         with (self.dir / "metrics.jsonl").open("a") as metrics:
             r = self.start_round
+            slowdown = cfg.timing.slow_factor - 1 if self.id in self.experiment.slow_nodes else 0.0
             while r < cfg.rounds and not self.stopping.is_set():
-                ahead = backed_round(self.transport.claimed_rounds(), r, cfg.rounds)
+                ahead = backed_round(self.transport.claimed_rounds(), r, cfg.rounds) if self.lock_step else r
                 if ahead > r:  # neighbours moved on while this node was down: rejoin at their round
                     log.info("node %d skips rounds %d..%d to rejoin", self.id, r, ahead - 1)
                     r = ahead
@@ -167,6 +180,8 @@ class NodeProcess:
                 round_start = time.perf_counter()
                 loss = self.node.train(r)
                 train_seconds = time.perf_counter() - round_start
+                if slowdown:  # timing.slow: this node emulates a slower host
+                    self.stopping.wait(slowdown * train_seconds)
                 if not self.gossip(r):
                     break
                 stats = self.node.stats(r, loss)
@@ -195,7 +210,7 @@ class NodeProcess:
         self.best_effort("final.npy", lambda: save_array(self.dir / "final.npy", self.node.vector.numpy()), attempts=5)
         summary = {"node": self.id, "rounds_completed": completed + 1, "stopped_early": completed < cfg.rounds - 1,
                    "bytes_sent": self.transport.bytes_sent, "rejected": dict(self.transport.rejected),
-                   **self.node.counters.as_dict(), "io_errors": self.io_errors,
+                   **self.node.counters.as_dict(), "observed": self.node.counters.state(), "io_errors": self.io_errors,
                    "wall_seconds": time.perf_counter() - started,
                    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         self.best_effort("summary.json", lambda: (self.dir / "summary.json").write_text(json.dumps(summary, indent=2)

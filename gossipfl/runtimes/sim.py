@@ -106,6 +106,18 @@ class NodeEngine:
     def vectors(self) -> torch.Tensor:
         return torch.stack([node.vector for node in self.nodes])
 
+    def train_nodes(self, round_index: int, ids: list[int], starts: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Sampled rounds: these nodes train one round from `starts`; their vectors and losses."""
+        losses = []
+        for i, start in zip(ids, starts):
+            self.nodes[i].vector.copy_(start)
+            losses.append(self.nodes[i].train(round_index))
+        return (torch.stack([self.nodes[i].vector for i in ids]) if ids else starts), losses
+
+    def set_vectors(self, ids: list[int], vectors: torch.Tensor) -> None:
+        for i, vector in zip(ids, vectors):
+            self.nodes[i].vector.copy_(vector)
+
     def observations(self) -> dict[tuple[int, int], tuple[int, float]]:
         """(observer, sender) -> (messages merged, summed suspicion), as honest nodes saw them."""
         return {(i, j): (c.messages[j], c.suspicion[j]) for i in self.honest
@@ -143,6 +155,12 @@ def choose_engine(cfg: ExperimentConfig) -> tuple[str, torch.device]:
     its own moments, which no batch of all nodes shares)."""
     device = resolve_device(cfg.device)
     asynchronous = cfg.gossip.schedule == "async"
+    if asynchronous and cfg.sampling.kind != "none":
+        raise ConfigError("sampling.kind = {!r} decides who trains each round; it does not combine with "
+                          "gossip.schedule = 'async'".format(cfg.sampling.kind))
+    if cfg.sampling.kind != "none" and (cfg.byzantine.nodes or cfg.byzantine.fraction):
+        raise ConfigError("byzantine attackers are not simulated with sampling.kind = {!r} yet: their filters run "
+                          "at the aggregators (robust.filters), attacks only under gossip".format(cfg.sampling.kind))
     if asynchronous and cfg.engine == "vectorized":
         raise ConfigError("gossip.schedule = 'async' needs engine = 'nodes' (or 'auto'): the vectorized engine "
                           "steps all nodes at once, and asynchronous nodes act at their own moments")
@@ -159,9 +177,14 @@ def build_engine(experiment: Experiment, engine: str, device: torch.device) -> E
         from .virtual_clock import VirtualClockEngine
         return VirtualClockEngine(experiment)
     if engine == "nodes":
-        return NodeEngine(experiment)
-    from .vectorized import VectorizedEngine
-    return VectorizedEngine(experiment, device)
+        base: Engine = NodeEngine(experiment)
+    else:
+        from .vectorized import VectorizedEngine
+        base = VectorizedEngine(experiment, device)
+    if experiment.cfg.sampling.kind == "none":
+        return base
+    from .sampled import SampledEngine
+    return SampledEngine(experiment, base)
 
 
 class Simulation:
@@ -227,6 +250,9 @@ class Simulation:
                 record: dict[str, Any] = {"round": r, "train_loss": loss}
                 if (r + 1) % every == 0 or r == rounds - 1:
                     record.update(self.evaluator.evaluate(self.vectors()))
+                    if hasattr(self.engine, "global_model"):  # a sampled run's newest aggregate
+                        record["accuracy_global_model"] = float(
+                            self.evaluator.accuracy(self.engine.global_model.view(1, -1))[0])
                     bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}", loss=f"{loss:.3f}")
                 record.update(self.engine.counters(), round_seconds=time.perf_counter() - round_start,
                               train_seconds=train_seconds, wall_seconds=time.perf_counter() - start)

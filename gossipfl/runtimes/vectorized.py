@@ -97,16 +97,18 @@ class VectorizedEngine:
 
     # -- local training
 
-    def batches(self, round_index: int) -> list[StackedBatch]:
-        """Every node's minibatches of the round, drawn as a Node draws them, padded to one width."""
+    def batches(self, round_index: int, nodes: list[int] | None = None) -> list[StackedBatch]:
+        """The nodes' minibatches of the round (all nodes by default), drawn as a Node draws them,
+        padded to one width."""
         t, seed = self.cfg.train, self.cfg.seed
-        local = [local_batches(seed, i, round_index, len(p), t.local_steps, t.batch_size) for i, p in enumerate(self.parts)]
+        nodes = list(range(self.n)) if nodes is None else nodes
+        local = [local_batches(seed, i, round_index, len(self.parts[i]), t.local_steps, t.batch_size) for i in nodes]
         width = max(b.shape[1] for b in local)
-        index = torch.zeros(t.local_steps, self.n, width, dtype=torch.long)
-        mask = torch.zeros(t.local_steps, self.n, width)
-        for i, (b, part) in enumerate(zip(local, self.parts)):
-            index[:, i, :b.shape[1]] = part[b]
-            mask[:, i, :b.shape[1]] = 1.0
+        index = torch.zeros(t.local_steps, len(nodes), width, dtype=torch.long)
+        mask = torch.zeros(t.local_steps, len(nodes), width)
+        for row, (b, i) in enumerate(zip(local, nodes)):
+            index[:, row, :b.shape[1]] = self.parts[i][b]
+            mask[:, row, :b.shape[1]] = 1.0
         index, mask = index.to(self.device), mask.to(self.device)
         padded = not bool(mask.all())
         return [StackedBatch(self.train_x[index[s]], self.train_y[index[s]], mask[s] if padded else None)
@@ -123,6 +125,22 @@ class VectorizedEngine:
 
     def step(self, plan: RoundPlan) -> tuple[float, float]:
         return lock_step(self, plan)
+
+    def train_nodes(self, round_index: int, ids: list[int], starts: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Sampled rounds: these nodes train one round from `starts`, batched in their own buffers."""
+        if not ids:
+            return starts, []
+        x = starts.to(self.device).clone()
+        grad = torch.zeros(len(ids), self.layout.n_trainable, device=self.device)
+        training = LocalTraining(x[:, :self.layout.n_trainable], grad, self.cfg.train)
+        gradient = StackedGradient(self.gradient.stacked, self.layout, x, grad)
+        losses = training.run(self.batches(round_index, ids), gradient, learning_rate(self.cfg.train, round_index))
+        self.rolled_back += keep_finite(x, starts.to(self.device))
+        self.set_vectors(ids, x)
+        return x, losses.tolist()
+
+    def set_vectors(self, ids: list[int], vectors: torch.Tensor) -> None:
+        self.x[torch.tensor(ids, device=self.device)] = vectors.to(self.device)
 
     # -- gossip
 
