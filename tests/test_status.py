@@ -6,21 +6,12 @@ import json
 import signal
 import time
 
-import pytest
-
 from gossipfl.cli import main
 from gossipfl.experiment import Experiment
-from gossipfl.runtimes.launch import deployment, start_node, stop_all
+from gossipfl.runtimes.launch import deployment, start_node
 from gossipfl.runtimes.process import node_dir
 from gossipfl.transport.keys import write_keys
 from gossipfl.transport.status import query_status
-
-
-@pytest.fixture
-def processes():
-    procs = []
-    yield procs
-    stop_all(procs, grace=2.0)
 
 
 def rounds_done(run_dir, node):
