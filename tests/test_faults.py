@@ -64,7 +64,7 @@ def test_a_killed_node_costs_two_deadlines_at_most_is_restarted_readmitted_and_r
     assert summary["status"] == "complete" and summary["dead_nodes"] == [1] and summary["restarts"] == 1
     assert [(e["event"], e["node"]) for e in summary["node_events"]] == [("died", 1), ("restarted", 1), ("died", 1)]
     usual = statistics.median(r["round_seconds"] for r in before[-8:])
-    after = read_rows(run_dir, 0)[len(before):]
+    after = read_rows(run_dir, 0)[len(before):len(before) + 15]
     extra = sum(max(0.0, r["round_seconds"] - usual) for r in after)
     assert extra <= 2 * DEADLINE, (extra, usual, [round(r["round_seconds"], 2) for r in after])
     assert after[-1]["liveness"]["1"]["state"] == "suspected"
