@@ -46,10 +46,8 @@ def test_a_killed_node_costs_two_deadlines_at_most_is_restarted_readmitted_and_r
         done = len(read_rows(run_dir, 1))
         wait_for(lambda: len(read_rows(run_dir, 1)) > done, 90, "node 1 to finish a round after its restart")
         back = len(read_rows(run_dir, 0))
-        wait_for(lambda: len(read_rows(run_dir, 0)) >= back + 5, 60, "node 0 to run five rounds with node 1 back")
-        readmitted = read_rows(run_dir, 0)[back + 1:]
-        assert all(r["liveness"]["1"]["state"] == "alive" for r in readmitted), readmitted
-        assert any(r["missing"] == 0 for r in readmitted)  # node 0 merges node 1 again
+        wait_for(lambda: any(r["liveness"]["1"]["state"] == "alive" and r["missing"] == 0
+                             for r in read_rows(run_dir, 0)[back:]), 30, "node 0 to readmit node 1 and merge it")
 
         before = read_rows(run_dir, 0)
         kill(run_dir, 1)  # stays dead: no restart left
