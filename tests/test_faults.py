@@ -5,6 +5,7 @@ import os
 import signal
 import statistics
 import threading
+import time
 
 from gossipfl.runtimes.launch import launch
 from process_helpers import kill_nodes_of, node_pids, read_rows, wait_for
@@ -21,6 +22,17 @@ def launched(cfg, run_dir, **options):
     return thread, result
 
 
+def end_launch(run_dir, thread):
+    """Cleanup, pass or fail: SIGTERM (a node that exits 0 is not restarted) and wait for the
+    launch, then SIGKILL whatever is left until no node of the run is running."""
+    stop(run_dir)
+    thread.join(30)
+    end = time.monotonic() + 30
+    while (thread.is_alive() or node_pids(run_dir)) and time.monotonic() < end:
+        kill_nodes_of(run_dir)
+        thread.join(1)
+
+
 def kill(run_dir, node):
     pids = node_pids(run_dir, node)
     assert len(pids) == 1, pids
@@ -30,7 +42,10 @@ def kill(run_dir, node):
 def stop(run_dir):
     """End the run: SIGTERM stops each node after its current step, and the launch completes."""
     for pid in node_pids(run_dir):
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
 
 
 def test_a_killed_node_costs_two_deadlines_at_most_is_restarted_readmitted_and_reported_when_it_stays_dead(
@@ -56,8 +71,7 @@ def test_a_killed_node_costs_two_deadlines_at_most_is_restarted_readmitted_and_r
         thread.join(60)
         assert not thread.is_alive(), "launch did not finish"
     finally:
-        kill_nodes_of(run_dir)
-        thread.join(30)
+        end_launch(run_dir, thread)
 
     assert summary["status"] == "complete" and summary["dead_nodes"] == [1] and summary["restarts"] == 1
     assert [(e["event"], e["node"]) for e in summary["node_events"]] == [("died", 1), ("restarted", 1), ("died", 1)]
@@ -81,8 +95,7 @@ def test_in_async_gossip_a_slow_node_does_not_slow_its_neighbours(small_config, 
         thread.join(60)
         assert not thread.is_alive(), "launch did not finish"
     finally:
-        kill_nodes_of(run_dir)
-        thread.join(30)
+        end_launch(run_dir, thread)
 
     def seconds(node, field):  # median over the rounds after the first (start-up)
         return statistics.median(r[field] for r in read_rows(run_dir, node)[1:])
