@@ -194,6 +194,61 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Ask every node of a deployment for its round, accuracy, neighbours' liveness and drops."""
+    source = Path(args.target)
+    cfg = config_mod.load(source / "config.toml" if source.is_dir() else source)
+    addresses = cfg.deploy.addresses
+    if not addresses:
+        raise UsageError(f"{args.target}: deploy.addresses is empty, so there are no nodes to ask")
+    curve = None
+    if cfg.deploy.keys:
+        from .transport.keys import load_operator_keys
+        try:
+            curve = load_operator_keys(cfg.deploy.keys)
+        except FileNotFoundError as exc:
+            raise UsageError(f"deploy.keys = {cfg.deploy.keys!r} has no operator key pair ({exc.filename}); "
+                             "write keys with this version's gossipfl keys") from None
+        missing = [i for i in range(len(addresses)) if i not in curve.allowed_public_keys]
+        if missing:
+            raise UsageError(f"deploy.keys = {cfg.deploy.keys!r} lists no public key for node {missing[0]}")
+    from .transport.status import query_status
+    answers = query_status({i: f"tcp://{a}" for i, a in enumerate(addresses)}, args.timeout, curve)
+    nodes = [{"node": i, "address": addresses[i], "reachable": answer is not None, **(answer or {})}
+             for i, answer in answers.items()]
+    print_result(args, {"source": str(source), "timeout_s": args.timeout, "nodes": nodes}, status_table(nodes))
+    return 0 if all(n["reachable"] for n in nodes) else 1
+
+
+def status_table(nodes: list[dict[str, Any]]) -> str:
+    from .report import markdown_table
+
+    def neighbours(node: dict[str, Any]) -> str:
+        by_state: dict[str, list[str]] = {}
+        for peer, row in node.get("liveness", {}).items():
+            by_state.setdefault(row["state"], []).append(peer)
+        return "; ".join(f"{state} {','.join(peers)}" for state, peers in sorted(by_state.items())) or "-"
+
+    def counts(node: dict[str, Any]) -> str:
+        rejected = node.get("rejected", {})
+        return ", ".join(f"{reason} {count}" for reason, count in sorted(rejected.items(), key=lambda kv: -kv[1])) \
+            or "-"
+
+    def row(node: dict[str, Any]) -> dict[str, Any]:
+        if not node["reachable"]:
+            return {"node": node["node"], "address": node["address"], "status": "UNREACHABLE"}
+        accuracy = node.get("accuracy")
+        return {"node": node["node"], "address": node["address"], "status": node.get("error", "live"),
+                "round": f"{node.get('round', '?')}/{node.get('rounds', '?')}",
+                "accuracy": "-" if accuracy is None else f"{accuracy:.4f}",
+                "neighbours": neighbours(node), "rejected": counts(node)}
+
+    live = sum(n["reachable"] for n in nodes)
+    table = markdown_table([row(n) for n in nodes],
+                           ["node", "address", "status", "round", "accuracy", "neighbours", "rejected"])
+    return f"{table}\n{live} of {len(nodes)} nodes answered"
+
+
 def cmd_topology(args: argparse.Namespace) -> int:
     from .graph import sdp, topology, weights
     graph = topology.read_graph(args.graph)
@@ -356,8 +411,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stderr log detail: " + ", ".join(LOG_LEVELS) + " (default info: a line per round)")
     node.set_defaults(func=cmd_node)
 
+    status = sub.add_parser("status", help="ask the nodes of a running deployment how they fare",
+                            description="Ask every node, over its own port, for its round, last accuracy, "
+                                        "neighbours' liveness (alive or suspected) and rejected-message "
+                                        "counts; a node answers while it trains. Exit code 1 when some node "
+                                        "did not answer within --timeout.")
+    status.add_argument("target", metavar="RUN_DIR_OR_DEPLOY.toml",
+                        help="a run folder of gossipfl launch (its config.toml) or a deployment file")
+    status.add_argument("--timeout", type=positive_float, default=3.0, metavar="S",
+                        help="seconds to wait for the answers; a node silent that long is unreachable (default 3)")
+    status.add_argument("--json", action="store_true", help="print the answers as one JSON document on stdout")
+    status.set_defaults(func=cmd_status)
+
     keys = sub.add_parser("keys", help="make CurveZMQ key pairs for a deployment",
-                          description="Make one CurveZMQ key pair per node and keys.toml, the public listing.")
+                          description="Make one CurveZMQ key pair per node, the operator's pair (for "
+                                      "gossipfl status) and keys.toml, the public listing.")
     keys.add_argument("--nodes", type=positive_int, required=True, help="number of nodes (ids 0..N-1)")
     keys.add_argument("--out", required=True, metavar="DIR", help="folder for the key files")
     keys.add_argument("--force", action="store_true", help="replace key files already in DIR")

@@ -316,7 +316,11 @@ class DeployConfig:
     addresses: list[str] = field(default_factory=list)  # "host:port" per node id; [] = free loopback ports
     run_dir: str = ""            # where nodes write results; "" = OUTPUT/NAME
     keys: str = ""               # folder from `gossipfl keys`; "" = no CurveZMQ
-    deadline_s: float = 30.0     # wait per gossip step before a silent neighbour is left out
+    deadline_s: float = 30.0     # the longest wait per gossip step before a silent neighbour is left out
+    failure_detection: bool = True  # wait for each neighbour only as long as its usual delay justifies, and
+                                 # not at all once it missed suspect_after steps; false = deadline_s for all
+    deadline_floor_s: float = 1.0  # the least wait beyond a neighbour's usual delay (at most deadline_s)
+    suspect_after: int = 2       # consecutive missed steps before a neighbour is suspected (no longer waited for)
     startup_s: float = 120.0     # wait for the very first step (peers import torch, load data)
     checkpoint_every: int = 5    # rounds between checkpoints, of node processes and of simulate (0 = never)
     max_message_mb: float = 0.0  # refuse larger messages; 0 = model size plus headroom
@@ -335,6 +339,9 @@ class DeployConfig:
         if len(set(self.addresses)) != len(self.addresses):
             raise ConfigError("deploy.addresses must be distinct")
         _positive("deploy.deadline_s", self.deadline_s)
+        _positive("deploy.deadline_floor_s", self.deadline_floor_s)
+        if self.suspect_after < 1:
+            raise ConfigError(f"deploy.suspect_after = {self.suspect_after} must be >= 1")
         _positive("deploy.startup_s", self.startup_s)
         _positive("deploy.checkpoint_every", self.checkpoint_every, allow_zero=True)
         _positive("deploy.max_message_mb", self.max_message_mb, allow_zero=True)

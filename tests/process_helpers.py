@@ -2,7 +2,10 @@
 condition, and writing the deployment file the nodes read."""
 
 import json
+import os
+import signal
 import time
+from pathlib import Path
 
 from gossipfl.config import ExperimentConfig
 from gossipfl.experiment import Experiment
@@ -30,3 +33,28 @@ def deployed(cfg: ExperimentConfig, run_dir):
     path = run_dir / "config.toml"
     path.write_text(cfg.to_toml())
     return cfg, path
+
+
+def node_pids(run_dir, node=None):
+    """Process ids of the node processes (or of node `node`) that read this run folder's config,
+    found in /proc: what a launch started, or what a leak would leave."""
+    config = str(run_dir / "config.toml").encode() + b"\0"
+    wanted = None if node is None else b"\0--id\0%d\0" % node
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+        except OSError:
+            continue
+        if config in cmdline and (wanted is None or wanted in cmdline + b"\0"):
+            found.append(int(proc.name))
+    return found
+
+
+def kill_nodes_of(run_dir):
+    """SIGKILL every node process of this run folder (a test's cleanup, pass or fail)."""
+    for pid in node_pids(run_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

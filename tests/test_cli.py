@@ -79,8 +79,9 @@ def test_keys_command_writes_a_pair_per_node(tmp_path, capsys):
     assert main(["keys", "--nodes", "3", "--out", str(tmp_path / "k")]) == 0
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
         "keys.toml", "node-0.public", "node-0.secret", "node-1.public", "node-1.secret",
-        "node-2.public", "node-2.secret"]
+        "node-2.public", "node-2.secret", "operator.public", "operator.secret"]
     assert (tmp_path / "k" / "node-1.secret").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "k" / "operator.secret").stat().st_mode & 0o777 == 0o600
 
 
 # ------------------------------------------------------------------ helpers: runs without torch, CLI in a subprocess

@@ -5,7 +5,6 @@ import json
 import signal
 import socket
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from gossipfl.experiment import Experiment
 from gossipfl.runtimes.launch import LaunchError, deployment, launch, start_node, stop_all
 from gossipfl.runtimes.process import node_dir
 from gossipfl.runtimes.sim import Simulation
-from process_helpers import deployed, read_rows, wait_for
+from process_helpers import deployed, node_pids, read_rows, wait_for
 
 
 def test_launch_matches_the_in_process_engine(small_config, tmp_path):
@@ -49,28 +48,18 @@ def test_a_node_that_cannot_start_fails_the_launch_and_stops_the_rest(small_conf
                                               rf"'{taken}': cannot listen there"):
             launch(cfg, tmp_path / "run", progress=False)
         assert time.monotonic() - start < 60
-        assert not running_nodes_of(tmp_path / "run"), "the other nodes must be stopped, not left running"
+        assert not node_pids(tmp_path / "run"), "the other nodes must be stopped, not left running"
     finally:
         blocker.close()
 
 
-def running_nodes_of(run_dir):
-    """Process ids whose command line reads this run folder's config (what a leak would leave)."""
-    config = str(run_dir / "config.toml").encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and config in (proc / "cmdline").read_bytes():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 def test_killed_node_costs_its_neighbours_a_deadline_and_rejoins_with_resume(small_config, tmp_path, processes):
     run_dir = tmp_path / "run"
+    # Without failure detection, so that every step pays the deadline and the others are still
+    # running when node 1 is back (with it, they finish the 12 rounds before node 1 has started).
     cfg, path = deployed(small_config(topology__nodes=4, rounds=12, train__local_steps=30, gossip__steps=1,
-                                      deploy__deadline_s=1.0, deploy__checkpoint_every=1), run_dir)
+                                      deploy__deadline_s=1.0, deploy__checkpoint_every=1,
+                                      deploy__failure_detection=False), run_dir)
     processes += [start_node(path, run_dir, i) for i in range(4)]
     wait_for(lambda: len(read_rows(run_dir, 1)) >= 2, 90, "node 1 to finish two rounds")
     processes[1].send_signal(signal.SIGKILL)

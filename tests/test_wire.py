@@ -1,10 +1,10 @@
 import math
-import zlib
 
 import msgpack
 import numpy as np
 import pytest
 import torch
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -102,14 +102,17 @@ BAD_CASES = {
     "negative_round": (lambda f: with_header(f, round=-1), "bad_header"),
     "huge_sender": (lambda f: with_header(f, sender=2**40), "bad_header"),
     "negative_checksum": (lambda f: with_header(f, checksum=-5), "bad_header"),
-    "wrong_version": (lambda f: with_header(f, version=2), "wrong_version"),
+    "wrong_version": (lambda f: with_header(f, version=wire.PROTOCOL_VERSION + 1), "wrong_version"),
     "no_version": (lambda f: with_header(f, version=...), "wrong_version"),
     "wrong_kind": (lambda f: with_header(f, kind="evil"), "unknown_kind"),
     "wrong_layout": (lambda f: with_header(f, layout="fedcba9876543210"), "wrong_layout"),
     "wrong_dtype": (lambda f: with_header(f, dtype="float64"), "wrong_dtype"),
     "count_mismatch": (lambda f: with_header([f[0], f[1][:-4]], count=COUNT - 1), "bad_length"),
     "byte_length_mismatch": (lambda f: [f[0], f[1][:-4]], "bad_length"),
-    "control_with_payload": (lambda f: with_header(f, kind="ping"), "bad_length"),
+    "control_with_payload": (lambda f: with_header(f, kind="ping", layout=wire.NO_LAYOUT), "bad_length"),
+    "control_with_a_layout": (lambda f: with_header([f[0], b""], kind="ping", count=0,
+                                                    checksum=xxhash.xxh3_64_intdigest(b"")), "wrong_layout"),
+    "model_without_a_layout": (lambda f: with_header(f, layout=wire.NO_LAYOUT), "wrong_layout"),
     "oversized": (lambda f: [f[0], f[1] + bytes(4)], "oversized"),
     "bad_checksum": (lambda f: [f[0], bytes([f[1][0] ^ 1]) + f[1][1:]], "bad_checksum"),
     "not_a_buffer": (lambda f: [f[0], 12345], "bad_frames"),
@@ -215,27 +218,18 @@ def test_large_finite_values_whose_sum_overflows_are_accepted():
     assert torch.equal(decode(frames_of(make_message(vector=vector)), LAYOUT, COUNT, MAX_BYTES).vector, vector)
 
 
-# --- the checksum of large payloads (folded CRC-32) ---
+# --- the checksum (XXH3-64 of the payload) ---
 
-def reference_checksum(payload: bytes) -> int:
-    """The documented definition, with numpy's well-defined unsigned wrap-around."""
-    blocks = len(payload) // wire.FOLD_BLOCK
-    if blocks < 2:
-        return zlib.crc32(payload)
-    words = np.frombuffer(payload, dtype="<u8", count=blocks * wire.FOLD_BLOCK // 8).reshape(blocks, -1)
-    folded = np.add.reduce(words, axis=0, dtype=np.uint64)
-    return zlib.crc32(payload[blocks * wire.FOLD_BLOCK:], zlib.crc32(folded.tobytes()))
-
-
-@pytest.mark.parametrize("count", [1000, 400_000, 655_363])  # below one block, one block + tail, folded + tail
-def test_checksum_matches_its_definition(count):
+@pytest.mark.parametrize("count", [0, 1000, 655_363])
+def test_checksum_is_xxh3_of_the_payload(count):
     random_bits = np.random.default_rng(count).integers(0, 2**32, size=count, dtype=np.uint32)
-    vector = torch.from_numpy(random_bits.view(np.float32))  # any bit pattern: the sums overflow
-    assert wire.checksum(vector) == reference_checksum(random_bits.tobytes())
+    vector = torch.from_numpy(random_bits.view(np.float32))  # any bit pattern
+    header = header_of(frames_of(Message("model", 0, 0, 0, vector)))
+    assert header["checksum"] == xxhash.xxh3_64_intdigest(random_bits.tobytes())
 
 
-def test_folded_checksum_catches_random_bit_flips():
-    count = 917_507  # 3.5 MiB + 12 bytes: three folded blocks and a tail
+def test_checksum_catches_random_bit_flips():
+    count = 917_507  # 3.5 MiB + 12 bytes
     sent = make_message(vector=torch.randn(count, generator=torch.Generator().manual_seed(1)))
     header, payload = frames_of(sent)
     rng = np.random.default_rng(7)
@@ -244,9 +238,15 @@ def test_folded_checksum_catches_random_bit_flips():
         for position in rng.integers(0, len(payload), size=int(rng.integers(1, 4))):
             corrupted[position] ^= 1 << int(rng.integers(8))
         if corrupted != payload:
-            assert wire.checksum(torch.frombuffer(corrupted, dtype=torch.float32)) != header_of([header])["checksum"]
+            assert wire.checksum(corrupted) != header_of([header])["checksum"]
             # decode refuses it too; a flip that makes a NaN is caught by the cheaper finiteness pass first
             assert reason([header, corrupted], expected_count=count, max_bytes=4 * count) in {"bad_checksum", "non_finite"}
+
+
+def test_control_kinds_carry_no_layout_so_a_tool_without_the_model_can_speak():
+    frames = [bytes(f) for f in encode(make_message("status", torch.empty(0), round=3), "any layout at all")]
+    assert header_of(frames)["layout"] == wire.NO_LAYOUT
+    assert decode(frames, LAYOUT, COUNT, MAX_BYTES).extra == {"round": 3}
 
 
 # --- fuzzing: random frames and random mutations of a valid message ---

@@ -29,6 +29,7 @@ from ..transport.keys import load_keys
 from ..algorithms.schedule import Broadcast
 from ..allocation import reuse_large_allocations
 from ..transport.limits import Limits, raise_open_file_limit
+from ..transport.liveness import Detection, as_document
 from ..transport.zmq import ZmqTransport
 from .attacker import AttackerView
 from .node import MODEL, PAIR_REPLY, PAIR_REQUEST, Node
@@ -62,9 +63,11 @@ def make_transport(cfg: ExperimentConfig, experiment: Experiment, node_id: int, 
                     max_connections=d.max_connections or None,
                     max_connections_per_address=d.max_connections_per_address or None,
                     idle_timeout_s=d.idle_timeout_s, keepalive_s=d.keepalive_s)
+    detection = Detection(d.failure_detection, d.deadline_floor_s, d.suspect_after)
     try:
         return ZmqTransport(node_id, tcp(d.addresses[node_id]), peers, layout, size, deadline_s=d.deadline_s,
-                            max_message_bytes=max_bytes, curve=curve, kinds=kinds, limits=limits)
+                            max_message_bytes=max_bytes, curve=curve, kinds=kinds, limits=limits,
+                            detection=detection, asynchronous=cfg.gossip.schedule == "async")
     except zmq.ZMQError as exc:  # connect never fails up front: this is the bind of our own address
         raise ConfigError(f"deploy.addresses[{node_id}] = {d.addresses[node_id]!r}: "
                           f"cannot listen there ({exc})") from None
@@ -108,6 +111,8 @@ class NodeProcess:
         self.start_round, self.resumed = 0, resume
         self.lock_step = cfg.gossip.schedule != "async"  # the rounds of lock-step schedules are rejoined
         self.io_errors = 0
+        self.round, self.completed, self.accuracy = 0, -1, None  # what a status query reports
+        self.transport.set_status(self.status)
         saved = checkpoint.load_latest(self.dir, self.layout) if resume else None
         if saved is not None:
             self.node.flat.load(saved.vector)
@@ -116,6 +121,12 @@ class NodeProcess:
 
     def stop(self, *_: Any) -> None:
         self.stopping.set()
+
+    def status(self) -> dict[str, Any]:
+        """This node's answer to `gossipfl status` (the transport adds liveness and drop counts).
+        It runs in the transport's I/O thread, so it only reads."""
+        return {"round": self.round, "rounds": self.cfg.rounds, "rounds_completed": self.completed + 1,
+                "accuracy": self.accuracy}
 
     def evaluate(self) -> dict[str, float]:
         row = self.node.vector.view(1, -1)
@@ -173,6 +184,7 @@ class NodeProcess:
                 if ahead > r:  # neighbours moved on while this node was down: rejoin at their round
                     log.info("node %d skips rounds %d..%d to rejoin", self.id, r, ahead - 1)
                     r = ahead
+                self.round = r
                 round_start = time.perf_counter()
                 loss = self.node.train(r)
                 train_seconds = time.perf_counter() - round_start
@@ -186,6 +198,7 @@ class NodeProcess:
                           "bytes_sent": self.transport.bytes_sent, "received": stats.received,
                           "missing": stats.missing, "rejected": dict(self.transport.rejected),
                           **self.node.counters.as_dict(), "io_errors": self.io_errors,
+                          "liveness": as_document(self.transport.liveness()),
                           "round_seconds": time.perf_counter() - round_start, "train_seconds": train_seconds,
                           "wall_seconds": time.perf_counter() - started}
                 if evaluate:  # before the metrics line: the launcher reads the line, then the vector
@@ -195,7 +208,8 @@ class NodeProcess:
                                                                             metrics.flush()))
                 log.info("round %d done: loss %.4f, %d received, %d missing%s", r, loss, stats.received, stats.missing,
                          f", accuracy {record['accuracy']:.4f}" if "accuracy" in record else "")
-                completed = r
+                completed = self.completed = r
+                self.accuracy = record.get("accuracy", self.accuracy)
                 every = cfg.deploy.checkpoint_every
                 if every and ((r + 1) % every == 0 or r == cfg.rounds - 1):
                     self.best_effort(f"the checkpoint of round {r}",

@@ -60,7 +60,7 @@ _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
 
 @dataclass(eq=False)
 class Connection:
-    """One accepted connection. The transport's thread writes `consumed`, `valid_at` and the
+    """One accepted connection. The transport's I/O thread writes `consumed`, `valid_at` and the
     token bucket; the watcher writes the rest."""
     fd: int
     accepted: float
@@ -74,10 +74,11 @@ class Connection:
     address: str = ""
     closing: str = ""                        # why the watcher shut it down
 
-    def take_token(self, epoch: int, burst: int) -> bool:
-        """A message's admission: the bucket holds `burst` and gains one per receive call."""
+    def take_token(self, epoch: int, burst: int, refill: int = 1) -> bool:
+        """A message's admission: the bucket holds `burst` and gains `refill` per receive (or
+        drain) call; `epoch` counts those calls."""
         if epoch != self.epoch:
-            self.tokens, self.epoch = min(burst, self.tokens + epoch - self.epoch), epoch
+            self.tokens, self.epoch = min(burst, self.tokens + (epoch - self.epoch) * refill), epoch
         if self.tokens < 1:
             return False
         self.tokens -= 1
@@ -106,7 +107,7 @@ class ConnectionWatcher:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()  # guards _counts against a copy while the watcher counts
         self._handshake_failures = 0
-        self.drained_at = time.monotonic()  # when the transport last found nothing queued
+        self.drained_at = math.inf  # when the transport last found nothing queued; inf: it finds nothing now
         self._monitor = router.get_monitor_socket(_EVENTS)  # from here on used by the watcher only
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gossipfl-connections", daemon=True)
@@ -237,7 +238,7 @@ class ConnectionWatcher:
             record.delivered = delivered or 0
             if delivered is not None and delivered - record.consumed > caps.max_pending_bytes:
                 self._shut(record, "connection_memory")
-            elif record.valid_at is None and self.drained_at - record.accepted > caps.idle_timeout_s:
+            elif record.valid_at is None and min(self.drained_at, now) - record.accepted > caps.idle_timeout_s:
                 self._shut(record, "connection_idle")
         return busy
 

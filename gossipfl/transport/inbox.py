@@ -20,6 +20,9 @@ peer's before one of its messages was returned) proves nothing, unless the conne
 authenticated as that sender (CurveZMQ), when the sender itself said it moved on.
 
 Costs: `offer` is O(1); `begin` and `end` are linear in the kept messages and the senders.
+
+Asynchronous gossip keeps less: `Latest` holds, per kind and sender, only the message that
+arrived last.
 """
 
 from __future__ import annotations
@@ -82,6 +85,11 @@ class Inbox:
     def complete(self) -> bool:
         """True when every expected sender's message arrived or cannot arrive any more."""
         return not self._waiting
+
+    @property
+    def waiting(self) -> set[int]:
+        """The expected senders whose message neither arrived nor can arrive any more (read only)."""
+        return self._waiting
 
     def offer(self, message: Message, connection: bytes, authenticated: bool = False) -> None:
         """Take one message that arrived over `connection` (its ROUTER routing id);
@@ -154,3 +162,30 @@ class Inbox:
         self._kept_by_sender[sender] -= 1
         if not box:
             del self._kept[key]
+
+
+class Latest:
+    """What asynchronous gossip keeps: per kind and sender, the message that arrived last.
+
+    Newest by arrival, not by the round it claims: over one connection ZeroMQ keeps a sender's
+    order, so the last to arrive is the last sent, and a claim of a far round (2**31 - 1, say)
+    cannot pin the slot: the sender's next message replaces it. Rounds are not windowed, since
+    nodes that train at their own pace are any number of rounds apart; a round matters only as
+    a claim and as the staleness the merge weighs. Memory: one message per kind and sender, and
+    senders are the transport's peers."""
+
+    def __init__(self) -> None:
+        self._newest: dict[str, dict[int, Message]] = {}
+        self._claims: dict[int, int] = {}
+
+    def offer(self, message: Message, connection: bytes, authenticated: bool = False) -> None:
+        """Keep `message`, replacing the kept one of its kind and sender (the signature of `Inbox.offer`)."""
+        self._claims[message.sender] = max(self._claims.get(message.sender, -1), message.round)
+        self._newest.setdefault(message.kind, {})[message.sender] = message
+
+    def take(self, kind: str) -> dict[int, Message]:
+        """The kept messages of `kind`, by sender; they are no longer kept."""
+        return self._newest.pop(kind, {})
+
+    def claimed_rounds(self) -> dict[int, int]:
+        return dict(self._claims)

@@ -1,9 +1,12 @@
-"""CurveZMQ key pairs: one per node, used both for its ROUTER (server) and its DEALERs (client).
+"""CurveZMQ key pairs: one per node, used both for its ROUTER (server) and its DEALERs (client),
+and one for the operator, whose `gossipfl status` may ask nodes how they fare.
 
 `write_keys` makes a directory a deployment can ship: per node a secret key file (mode 0600, only
-that node's host needs it) and a public key file, plus `keys.toml`, the listing of every node's
-public key that each node trusts (and that a deployment file can include as its `[public_keys]`).
-Keys are Z85 text, as libzmq takes them.
+that node's host needs it) and a public key file, the operator's pair (operator.secret stays with
+whoever runs `gossipfl status`), plus `keys.toml`, the listing every node trusts: each node's
+public key (`[public_keys]`, which a deployment file can include) and the operator's
+(`[status_keys]`). A status key opens a connection but speaks for no node, so it can ask for
+status and nothing else. Keys are Z85 text, as libzmq takes them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ..config import tomllib  # tomllib, or tomli before Python 3.11
 
 log = logging.getLogger(__name__)
 LISTING = "keys.toml"
+OPERATOR = "operator"  # the file stem of the operator's key pair, and its name in [status_keys]
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class CurveConfig:
     secret_key: bytes
     public_key: bytes
     allowed_public_keys: dict[int, bytes]
+    status_keys: frozenset[bytes] = frozenset()  # may connect and ask for status, as no node
 
 
 def generate_keypair() -> tuple[bytes, bytes]:
@@ -38,47 +43,70 @@ def generate_keypair() -> tuple[bytes, bytes]:
 
 
 def write_keys(directory: str | os.PathLike, node_ids: Iterable[int], replace: bool = False) -> Path:
-    """Generate a key pair per node into `directory`; returns the path of the public listing.
-    Existing key files raise FileExistsError unless `replace`: a deployment's keys are not lost
-    by a second run of `gossipfl keys`."""
+    """Generate a key pair per node and the operator's into `directory`; returns the path of the
+    public listing. Existing key files raise FileExistsError unless `replace`: a deployment's
+    keys are not lost by a second run of `gossipfl keys`."""
     directory = Path(directory)
-    node_ids = list(node_ids)
-    names = [LISTING] + [f"node-{node}.{kind}" for node in node_ids for kind in ("secret", "public")]
+    stems = [f"node-{node}" for node in node_ids] + [OPERATOR]
+    names = [LISTING] + [f"{stem}.{kind}" for stem in stems for kind in ("secret", "public")]
     existing = [name for name in names if (directory / name).exists()]
     if existing and not replace:
         raise FileExistsError(f"{len(existing)} key files exist already ({', '.join(existing[:3])}"
                               f"{', ...' if len(existing) > 3 else ''})")
     directory.mkdir(parents=True, exist_ok=True)
-    listing = {}
-    for node in node_ids:
+    public_keys = {}
+    for stem in stems:
         public, secret = generate_keypair()
-        _write_secret(directory / f"node-{node}.secret", secret)
-        (directory / f"node-{node}.public").write_bytes(public + b"\n")
-        listing[str(node)] = public.decode("ascii")
+        _write_secret(directory / f"{stem}.secret", secret)
+        (directory / f"{stem}.public").write_bytes(public + b"\n")
+        public_keys[stem] = public.decode("ascii")
+    operator = public_keys.pop(OPERATOR)
     path = directory / LISTING
-    path.write_text(tomli_w.dumps({"public_keys": listing}))
+    path.write_text(tomli_w.dumps({"public_keys": {stem.removeprefix("node-"): key for stem, key in public_keys.items()},
+                                   "status_keys": {OPERATOR: operator}}))
     return path
 
 
 def read_public_keys(path: str | os.PathLike) -> dict[int, bytes]:
     """The `[public_keys]` table of a listing (or of a deployment file that includes one)."""
+    return {int(node): key for node, key in _read_table(path, "public_keys").items()}
+
+
+def read_status_keys(path: str | os.PathLike) -> frozenset[bytes]:
+    """The keys of a listing's `[status_keys]` table (none in a listing written before it existed)."""
+    return frozenset(_read_table(path, "status_keys").values())
+
+
+def _read_table(path: str | os.PathLike, name: str) -> dict[str, bytes]:
     with open(path, "rb") as f:
-        table = tomllib.load(f).get("public_keys", {})
-    return {int(node): key.encode("ascii") for node, key in table.items()}
+        table = tomllib.load(f).get(name, {})
+    return {key: value.encode("ascii") for key, value in table.items()}
 
 
 def load_keys(directory: str | os.PathLike, node_id: int, listing: str | os.PathLike | None = None) -> CurveConfig:
     """Node `node_id`'s CurveConfig from a directory written by `write_keys` (the listing defaults
     to the directory's keys.toml)."""
     directory = Path(directory)
-    secret_path = directory / f"node-{node_id}.secret"
+    listing = listing or directory / LISTING
+    public, secret = load_keypair(directory, f"node-{node_id}")
+    return CurveConfig(secret_key=secret, public_key=public, allowed_public_keys=read_public_keys(listing),
+                       status_keys=read_status_keys(listing))
+
+
+def load_operator_keys(directory: str | os.PathLike) -> CurveConfig:
+    """The operator's key pair and, as the server keys to expect, every node's public key: what
+    `gossipfl status` connects with. Raises FileNotFoundError for a folder without operator keys."""
+    public, secret = load_keypair(directory, OPERATOR)
+    return CurveConfig(secret_key=secret, public_key=public, allowed_public_keys=read_public_keys(
+        Path(directory) / LISTING))
+
+
+def load_keypair(directory: str | os.PathLike, stem: str) -> tuple[bytes, bytes]:
+    """(public, secret) of STEM.public and STEM.secret in `directory` (e.g. "operator")."""
+    secret_path = Path(directory) / f"{stem}.secret"
     if secret_path.stat().st_mode & 0o077:
         log.warning("%s is readable by other users; it should be mode 0600", secret_path)
-    return CurveConfig(
-        secret_key=secret_path.read_bytes().strip(),
-        public_key=(directory / f"node-{node_id}.public").read_bytes().strip(),
-        allowed_public_keys=read_public_keys(listing or directory / LISTING),
-    )
+    return (Path(directory) / f"{stem}.public").read_bytes().strip(), secret_path.read_bytes().strip()
 
 
 def _write_secret(path: Path, secret: bytes) -> None:

@@ -3,6 +3,8 @@
 Frame 0 is a small msgpack header (protocol version, kind, sender, round, step, layout hash,
 dtype, element count, checksum of the payload, optional `extra` map whose unknown keys receivers
 ignore); frame 1 is the raw little-endian float32 vector, sent and received without a copy.
+Control kinds carry an empty vector and so no layout: their layout field is empty, which lets a
+tool without the model (`gossipfl status`) speak the protocol.
 
 A receiver treats every byte as hostile: `decode` checks the frame count, the header's size,
 encoding, keys and types, every field, the nesting and item count of `extra`, the payload
@@ -20,18 +22,18 @@ from __future__ import annotations
 import math
 import reprlib
 import sys
-import zlib
 from collections.abc import Sequence
 from typing import Any, Union
 
 import msgpack
 import numpy as np
 import torch
+import xxhash
 import zmq
 
 from .base import Message
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: XXH3 checksums, empty layout on control kinds
 
 # Kinds that carry a full parameter vector: a gossip step's broadcast, and the two halves of a
 # pairwise (Poisson-clock) exchange.
@@ -46,7 +48,7 @@ MAX_INDEX = 2**31 - 1             # bound for sender, round and step
 MAX_DEPTH = 8                     # nesting of maps and lists in the header; the header map is level 1
 MAX_ITEMS = 16384                 # map entries plus list elements in the whole header
 MAX_DETAIL = 120                  # characters of input an error text may quote
-FOLD_BLOCK = 1 << 20              # bytes; see `checksum`
+NO_LAYOUT = ""                    # the layout field of control kinds, which carry no vector
 
 # Header keys and their exact types (bool is not an int here). "extra" is optional.
 _FIELDS: dict[str, type] = {
@@ -91,38 +93,32 @@ def payload_view(vector: torch.Tensor) -> memoryview:
     return memoryview(vector.detach().reshape(-1).numpy()).cast("B")
 
 
-def checksum(vector: torch.Tensor) -> int:
-    """CRC-32 of the vector's bytes, where a payload of two or more 1 MiB blocks is first folded:
-    its full blocks are added lane-wise as little-endian 64-bit integers (mod 2**64) into one
-    block, and the CRC runs over that block, then over the remaining tail bytes. (Below two
-    blocks: plain CRC-32 of the payload.)
+def checksum(payload: Frame) -> int:
+    """XXH3-64 of the payload's bytes.
 
-    Why: zlib's CRC-32 runs at 3 to 4 GB/s here (adler32 at 2.5), slower than the loopback
-    transfer it guards, while the fold runs at memory speed (about 20 GB/s); folding makes the
-    checksum 3 to 5 times cheaper on vectors of 10 MB and more. It catches what CRC-32 catches within a block;
-    it gives up changes in two different blocks at the same offset that cancel exactly in the sum.
-    No security claim: against an adversary, CurveZMQ authenticates every frame."""
-    payload = payload_view(vector)
-    blocks = len(payload) // FOLD_BLOCK
-    if blocks < 2:
-        return zlib.crc32(payload)
-    words = vector.detach().reshape(-1)[:blocks * FOLD_BLOCK // 4].view(torch.int64).view(blocks, -1)
-    return zlib.crc32(payload[blocks * FOLD_BLOCK:], zlib.crc32(words.sum(0).numpy()))
+    Why XXH3: it runs at memory speed (measured: 4 us for 0.3 MB, 0.15 ms for 10 MB, 1.6 ms for
+    45 MB; zlib's CRC-32 took 70 us, 2.3 ms and 10.6 ms), so checking every message costs little
+    next to its transfer. It catches corruption (a bug, a broken link) as well as a CRC does in
+    practice; no security claim: against an adversary, CurveZMQ authenticates every frame."""
+    return xxhash.xxh3_64_intdigest(payload)
 
 
 def encode(message: Message, layout_hash: str) -> list[Any]:
     """[header, payload] for `send_multipart(..., copy=False)`. The payload frame is a view of
-    `message.vector`, so the vector must not change until ZeroMQ has sent it."""
+    `message.vector`, so the vector must not change until ZeroMQ has sent it. A control kind's
+    layout field is empty, whatever `layout_hash` says."""
     if message.kind not in KINDS:
         raise ValueError(f"unknown message kind {message.kind!r}; known kinds: {sorted(KINDS)}")
+    payload = payload_view(message.vector)
     header = {
         "version": PROTOCOL_VERSION, "kind": message.kind, "sender": message.sender,
-        "round": message.round, "step": message.step, "layout": layout_hash, "dtype": DTYPE,
-        "count": message.vector.numel(), "checksum": checksum(message.vector),
+        "round": message.round, "step": message.step,
+        "layout": layout_hash if message.kind in VECTOR_KINDS else NO_LAYOUT, "dtype": DTYPE,
+        "count": message.vector.numel(), "checksum": checksum(payload),
     }
     if message.extra:
         header["extra"] = message.extra
-    return [msgpack.packb(header, use_bin_type=True), payload_view(message.vector)]
+    return [msgpack.packb(header, use_bin_type=True), payload]
 
 
 def decode(frames: Sequence[Frame], expected_layout_hash: str, expected_count: int, max_bytes: int,
@@ -160,7 +156,7 @@ def _decode(frames: Sequence[Frame], expected_layout_hash: str, expected_count: 
     message = Message(header["kind"], header["sender"], header["round"], header["step"],
                       _as_vector(payload, into), header.get("extra", {}))
     check_message(message, expected_count)  # cheap passes first: a wrong kind or length costs no checksum
-    if checksum(message.vector) != header["checksum"]:
+    if checksum(payload) != header["checksum"]:
         raise WireError("bad_checksum")
     return message
 
@@ -245,7 +241,7 @@ def _check_structure(value: Any, depth: int) -> None:
 def _check_fields(header: dict[str, Any], layout_hash: str) -> None:
     """The checks of header fields that `check_message` does not see: version, the exact key
     set and types (so a nested value anywhere but in `extra` is refused here, unwalked),
-    checksum range, layout and dtype."""
+    checksum range, layout (empty for control kinds) and dtype."""
     if type(header.get("version")) is not int or header["version"] != PROTOCOL_VERSION:
         raise WireError("wrong_version", excerpt(header.get("version")))
     keys = header.keys()
@@ -256,11 +252,11 @@ def _check_fields(header: dict[str, Any], layout_hash: str) -> None:
             raise WireError("bad_header", f"{key} is not {expected_type.__name__}")
     if type(header.get("extra", {})) is not dict:
         raise WireError("bad_header", "extra is not a map")
-    if not 0 <= header["checksum"] < 2**32:
+    if not 0 <= header["checksum"] < 2**64:
         raise WireError("bad_header", "checksum out of range")
     if not 0 <= header["count"] <= MAX_INDEX:
         raise WireError("bad_header", "count out of range")
-    if header["layout"] != layout_hash:
+    if header["layout"] != (NO_LAYOUT if header["kind"] in CONTROL_KINDS else layout_hash):
         raise WireError("wrong_layout", excerpt(header["layout"]))
     if header["dtype"] != DTYPE:
         raise WireError("wrong_dtype", excerpt(header["dtype"]))

@@ -2,14 +2,25 @@
 one DEALER per neighbour sends to it. Request/reply between two peers (a pairwise exchange) is a
 send of one kind followed by a `receive` of the reply kind from that peer, over the same sockets.
 
+The ROUTER has one reader at a time. The node's thread reads it while it receives (lock-step
+gossip: it waits for each neighbour as long as its usual delay justifies, see `liveness`, and
+for a suspected one not at all) and while `claimed_rounds` takes in what is queued. Once the
+node's thread has left it for HANDOVER_S (it trains, or it gossips asynchronously and only
+`drain`s), an I/O thread reads it until the node's thread asks for it back. So messages are
+admitted, stamped for the failure detector and status queries answered while the node trains,
+and a receive reads the socket itself, with no hand-off between threads per message (measured:
+the hand-off cost 50 to 100 us of CPU per message, more than the whole validation of a 0.3 MB
+model). Whoever reads admits or drops the message and answers a status query at once.
+
 Sending never blocks: each DEALER queues at most `hwm` messages (also while its peer is not
 connected yet, so nodes may start in any order), and a message it cannot queue is dropped and
 counted in `send_drops`. Queued messages are zero-copy views, so a dead peer pins at most `hwm`
 snapshots, which a node shares among all its neighbours.
 
 Receiving treats every peer as possibly hostile (see docs/deployment.md, "Threat model"). Each
-message passes, in order: a per-connection rate limit (before any decoding), `wire.decode`, the
-kinds this runtime consumes, the sender checks, then the bounded buffer of `inbox.Inbox`.
+message passes, in order: a per-connection rate limit (before any decoding), `wire.decode`, then
+either the status query (answered, kept nowhere) or the kinds this runtime consumes, the sender
+checks, and the bounded buffer of `inbox.Inbox` (`inbox.Latest` for asynchronous gossip).
 Whatever fails is dropped and counted in `rejected` by reason, and logged once per peer and
 reason with a bounded text; nothing a message does, not even a bug it triggers, escapes a
 receive (`internal_error`). A `connections.ConnectionWatcher` bounds the connections
@@ -17,16 +28,23 @@ themselves: their number, idleness and the memory libzmq holds for each. Receive
 zero-copy views of the received frames.
 
 With `curve`, the ROUTER is a CurveZMQ server whose ZAP handler admits only the listed public
-keys, and a message is accepted only if its header's sender owns the key that authenticated the
-connection. Not thread-safe: one thread per transport, as ZeroMQ sockets require.
+keys (the nodes' and the operator's status keys), and a message is accepted only if its header's
+sender owns the key that authenticated the connection; any admitted key may ask for status. The
+public methods are for one thread, the node's.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from collections.abc import Collection, Mapping
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -34,17 +52,24 @@ from zmq.auth.thread import ThreadAuthenticator
 from . import wire
 from .base import Message, Transport
 from .connections import ConnectionWatcher
-from .inbox import Inbox
+from .inbox import Inbox, Latest
 from .keys import CurveConfig
 from .limits import Limits
+from .liveness import Detection, Liveness, as_document
 
 log = logging.getLogger(__name__)
 
 ZAP_DOMAIN = "gossipfl"
 MAX_LOGGED = 1000  # distinct (peer, reason) pairs logged; a reconnecting attacker must not grow it forever
-DRAIN_BUDGET_S = 0.5  # the longest `claimed_rounds` spends taking in what is queued, even under a flood
-DRAIN_GAP_MS = 5  # how long a drain waits for libzmq to refill the ROUTER's queue from the kernel
 KEEPALIVE_PROBES = 3  # unanswered TCP keepalive probes before the kernel drops a connection
+BATCH = 64  # messages a reader takes before it looks at the clock or its stop signal again
+MAX_ERRORS_LOGGED = 10  # failures of the I/O thread itself (not of a message) that are logged
+HANDOVER_S = 0.02  # how long the node's thread leaves the ROUTER alone before the I/O thread reads it
+DRAIN_BUDGET_S = 0.5  # the longest `claimed_rounds` spends taking in what is queued, even under a flood
+DRAIN_GAP_MS = 5  # how long that waits for libzmq to refill the ROUTER's queue from the kernel
+NODE, IO = "node", "io"  # who reads the ROUTER
+STATUS = "status"
+EMPTY = torch.empty(0)
 
 
 class _ListedKeys:
@@ -68,13 +93,16 @@ class ZmqTransport(Transport):
     def __init__(self, node_id: int, bind: str, peers: Mapping[int, str], layout_hash: str, vector_size: int, *,
                  deadline_s: float = 5.0, max_message_bytes: int | None = None, curve: CurveConfig | None = None,
                  context: zmq.Context | None = None, hwm: int = 4, kinds: Collection[str] = wire.VECTOR_KINDS,
-                 limits: Limits = Limits()):
-        """`peers` maps each neighbour id to the endpoint its ROUTER binds. `hwm` bounds the
-        messages queued per neighbour in each direction. `kinds` are the message kinds this
-        node's runtime receives; any other kind is dropped on arrival. `limits` bound what peers
-        can make this node buffer, hold or decode (defaults derive from `hwm`, the message size
-        and the number of peers). A given `context` is not terminated by `close`; with `curve`
-        it must not host another ZAP authenticator (one per context)."""
+                 limits: Limits = Limits(), detection: Detection = Detection(), asynchronous: bool = False):
+        """`peers` maps each neighbour id to the endpoint its ROUTER binds. `deadline_s` is the
+        longest a receive waits (`detection` decides how much of it each neighbour gets).
+        `asynchronous`: the node gossips at its own pace and takes messages with `drain`, never
+        `receive`. `hwm` bounds the messages queued per neighbour in each direction. `kinds`
+        are the message kinds this node's runtime receives; any other kind is dropped on arrival
+        (status queries are the transport's own). `limits` bound what peers can make this node
+        buffer, hold or decode (defaults derive from `hwm`, the message size and the number of
+        peers). A given `context` is not terminated by `close`; with `curve` it must not host
+        another ZAP authenticator (one per context)."""
         super().__init__()
         if node_id in peers:
             raise ValueError(f"node {node_id} lists itself as a peer")
@@ -82,17 +110,33 @@ class ZmqTransport(Transport):
             raise ValueError(f"unknown message kinds {sorted(set(kinds) - wire.KINDS)}; known: {sorted(wire.KINDS)}")
         self.node_id, self.peers, self.kinds = node_id, dict(peers), frozenset(kinds)
         self.layout_hash, self.vector_size, self.deadline_s, self.hwm = layout_hash, vector_size, deadline_s, hwm
+        self.asynchronous = asynchronous
         self.max_message_bytes = vector_size * 4 if max_message_bytes is None else max_message_bytes
         self.limits = limits.resolve(hwm, self.max_message_bytes + wire.MAX_HEADER_BYTES, len(self.peers))
-        self._inbox = Inbox(self.limits.buffered_per_sender, self.limits.rounds_ahead, self.limits.buffer_ttl_s,
-                            lambda reason, sender: self._reject(reason, f"node {sender}"))
-        self._epoch = 0  # receive calls so far: what refills each connection's token bucket
+        # Everything below is shared with the I/O thread and guarded by this (reentrant) lock.
+        self._lock = threading.Condition()
+        self._inbox: Inbox | Latest = Latest() if asynchronous else Inbox(
+            self.limits.buffered_per_sender, self.limits.rounds_ahead, self.limits.buffer_ttl_s,
+            lambda reason, sender: self._reject(reason, f"node {sender}"))
+        self._liveness = Liveness(self.peers, detection, asynchronous)
+        self._dropped: Counter[str] = Counter()
         self._logged: set[tuple[str, str]] = set()
+        self._status: Callable[[], dict[str, Any]] | None = None
+        # Receive or drain calls so far: what refills each connection's token bucket, by one
+        # (a lock-step neighbour sends one message per step) or, asynchronously, to the brim (a
+        # faster neighbour sends several per round of this node's).
+        self._epoch = 0
+        self._refill = self.limits.burst if asynchronous else 1
         self._last_sent: tuple[Message, list] | None = None
         self._owns_context = context is None
         self.context = zmq.Context(io_threads=1) if context is None else context
         self._auth, self._listed, self._node_of_key = None, None, {}
         self._router, self._dealers, self._connections = None, {}, None
+        self._wake = self._wake_end = self._io = None
+        self._reader: str | None = None      # NODE, IO, or None (nobody reads now)
+        self._left_at = -math.inf            # when the node's thread last stopped reading
+        self._stopping = False
+        self._io_errors = 0
         try:
             self._open_router(bind, curve)
             self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -103,6 +147,7 @@ class ZmqTransport(Transport):
                 burst=self.limits.burst, curve=curve is not None)
             for peer, endpoint in self.peers.items():
                 self._open_dealer(peer, endpoint, curve)
+            self._start_io()
         except BaseException:  # e.g. the address is taken: leave no thread or socket behind
             self.close()
             raise
@@ -115,7 +160,7 @@ class ZmqTransport(Transport):
         router.maxmsgsize = self.max_message_bytes + wire.MAX_HEADER_BYTES
         self._set_keepalive(router)
         if curve is not None:
-            self._listed = _ListedKeys(set(curve.allowed_public_keys.values()))
+            self._listed = _ListedKeys(set(curve.allowed_public_keys.values()) | curve.status_keys)
             self._node_of_key = {key.decode("ascii"): node for node, key in curve.allowed_public_keys.items()}
             self._auth = ThreadAuthenticator(self.context, log=log.getChild("zap"))
             self._auth.start()
@@ -146,6 +191,20 @@ class ZmqTransport(Transport):
             dealer.curve_serverkey = curve.allowed_public_keys[peer]
         dealer.connect(endpoint)
 
+    def _start_io(self) -> None:
+        """The I/O thread, and the pair of sockets by which the node's thread asks for the ROUTER
+        back (or stops it). The ROUTER moves between the threads under the lock, the memory
+        barrier ZeroMQ asks for when a socket changes threads."""
+        address = f"inproc://gossipfl-stop-{id(self)}"
+        self._wake_end = self.context.socket(zmq.PAIR)
+        self._wake_end.bind(address)
+        self._wake = self.context.socket(zmq.PAIR)
+        self._wake.connect(address)
+        self._io = threading.Thread(target=self._serve, name=f"gossipfl-io-{self.node_id}", daemon=True)
+        self._io.start()
+
+    # --- the node's thread ---
+
     def send(self, dst: int, message: Message) -> None:
         if dst not in self._dealers:
             raise ValueError(f"node {dst} is not a peer of node {self.node_id}")
@@ -171,56 +230,164 @@ class ZmqTransport(Transport):
         return self._last_sent[1]
 
     def receive(self, kind: str, round_index: int, step: int, senders: set[int]) -> dict[int, Message]:
-        """See `Transport.receive`. Waits for each expected sender's own message: a receive ends
-        early for a missing sender only when that sender's pinned connection (see `inbox`)
-        already carried a later message. `rejected` is brought up to date here."""
-        if kind not in self.kinds:
-            raise ValueError(f"this transport receives {sorted(self.kinds)}, not {kind!r}")
-        self._epoch += 1
-        self._inbox.begin(kind, round_index, step, senders)
-        deadline = time.monotonic() + self.deadline_s
-        while not self._inbox.complete():
-            remaining_ms = math.ceil((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                break
-            if not self._router.poll(remaining_ms):
-                self._connections.drained_at = time.monotonic()
-                break
-            self._take()
-        got = self._inbox.end()
-        self._update_counts()
+        """See `Transport.receive`. Waits for each expected neighbour that is not suspected, as
+        long as `liveness` gives it (at most `deadline_s`); a receive also ends early for a
+        neighbour whose pinned connection (see `inbox`) already carried a later message.
+        `rejected` is brought up to date here."""
+        if self.asynchronous:
+            raise ValueError("an asynchronous transport takes messages with drain(), not receive()")
+        self._check_kind(kind)
+        key = (kind, round_index, step)
+        with self._reading():
+            with self._lock:
+                self._epoch += 1
+                self._inbox.begin(kind, round_index, step, senders)
+                start = self._liveness.begin(key, self.deadline_s)
+            while True:
+                with self._lock:
+                    waited = [s for s in self._inbox.waiting if s in self.peers and self._liveness.waits_for(s)]
+                    if not waited:
+                        break
+                    until = start + max(self._liveness.timeout(s, self.deadline_s) for s in waited)
+                remaining_ms = math.ceil((until - time.monotonic()) * 1000)
+                if remaining_ms <= 0:
+                    break
+                if self._router.poll(remaining_ms):
+                    self._take_queued()
+                else:
+                    self._connections.drained_at = math.inf
+            with self._lock:
+                got = self._inbox.end()
+                self._liveness.end(got, senders)
+                self._update_counts()
+        return got
+
+    def drain(self, kind: str) -> dict[int, Message]:
+        """See `Transport.drain`: takes what the I/O thread admitted, without waiting. `rejected`
+        is brought up to date here."""
+        if not self.asynchronous:
+            raise ValueError("drain() is for asynchronous gossip: make the transport with asynchronous=True")
+        self._check_kind(kind)
+        with self._lock:
+            self._epoch += 1
+            got = self._inbox.take(kind)
+            self._liveness.drained(self.deadline_s)
+            self._update_counts()
         return got
 
     def claimed_rounds(self) -> dict[int, int]:
         """See `Transport.claimed_rounds`; first takes in what is already queued (for at most
         DRAIN_BUDGET_S), waiting only for the gaps while libzmq refills its queue."""
-        give_up = time.monotonic() + DRAIN_BUDGET_S
-        while self._router.poll(DRAIN_GAP_MS):
-            self._take()
-            if time.monotonic() > give_up:
-                break
-        else:
-            self._connections.drained_at = time.monotonic()
-        self._update_counts()
-        return self._inbox.claimed_rounds()
+        with self._reading():
+            give_up = time.monotonic() + DRAIN_BUDGET_S
+            while self._router.poll(DRAIN_GAP_MS):
+                self._take_queued()
+                if time.monotonic() > give_up:
+                    break
+            else:
+                self._connections.drained_at = math.inf
+        with self._lock:
+            self._update_counts()
+            return self._inbox.claimed_rounds()
 
-    def _take(self) -> None:
-        """Receive one message and admit or drop it; nothing it causes escapes."""
-        routing_id, *frames = self._router.recv_multipart(copy=False)
+    def liveness(self) -> dict[int, dict[str, Any]]:
+        """Per neighbour: state ("alive" or "suspected"), delay_s, wait_s, misses, heard_s_ago
+        (see `liveness.Liveness.snapshot`)."""
+        with self._lock:
+            return self._liveness.snapshot(self.deadline_s)
+
+    def set_status(self, status: Callable[[], dict[str, Any]]) -> None:
+        """What this node answers a status query with, besides its id, liveness table and
+        `rejected` counts. Called by whichever thread reads the ROUTER (the I/O thread while the node
+        trains), so it should only read; it returns a dict of msgpack
+        values (str keys; ints, floats, strs, bools, None, lists, maps)."""
+        self._status = status
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in self.kinds:
+            raise ValueError(f"this transport receives {sorted(self.kinds)}, not {kind!r}")
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """The node's thread reads the ROUTER for the duration, taking it back from the I/O
+        thread if that one reads it."""
+        with self._lock:
+            if self._reader == IO:
+                self._wake.send(b"")
+                while self._reader == IO:
+                    self._lock.wait()
+            self._reader = NODE
         try:
-            self._admit(routing_id, frames)
-        except Exception as error:  # a bug reached by a message must cost that message only
-            self._reject("internal_error", f"connection {routing_id.bytes.hex()}",
-                         f"{type(error).__name__}: {wire.excerpt(str(error))}")
+            yield
+        finally:
+            with self._lock:
+                self._reader, self._left_at = None, time.monotonic()
+
+    # --- the I/O thread ---
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_end, zmq.POLLIN)
+        try:
+            while self._await_turn():
+                while self._wake_end not in dict(poller.poll()):
+                    try:
+                        self._take_queued()
+                    except Exception:  # the thread must outlive any failure; a message's own are caught below
+                        self._io_errors += 1
+                        if self._io_errors <= MAX_ERRORS_LOGGED:
+                            log.exception("node %d: I/O thread", self.node_id)
+                self._wake_end.recv()
+                with self._lock:  # straight to the node's thread, which asked for it
+                    self._reader = NODE
+                    self._lock.notify_all()
+        finally:
+            self._wake_end.close(linger=0)
+
+    def _await_turn(self) -> bool:
+        """Until the node's thread has left the ROUTER alone for HANDOVER_S; then the I/O thread
+        reads it (True), unless the transport closes (False)."""
+        with self._lock:
+            while not self._stopping:
+                if self._reader is None and time.monotonic() - self._left_at >= HANDOVER_S:
+                    self._reader = IO
+                    return True
+                self._lock.wait(HANDOVER_S)
+            return False
+
+    # --- whichever thread reads the ROUTER ---
+
+    def _take_queued(self) -> None:
+        """Admit what is queued, at most BATCH messages (then the reader looks at its clock or
+        stop signal again)."""
+        if self._connections.drained_at == math.inf:
+            self._connections.drained_at = time.monotonic()
+        for _ in range(BATCH):
+            try:
+                routing_id, *frames = self._router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self._connections.drained_at = math.inf  # nothing queued, until the next message
+                return
+            try:
+                self._admit(routing_id, frames)
+            except Exception as error:  # a bug reached by a message must cost that message only
+                self._reject("internal_error", f"connection {routing_id.bytes.hex()}",
+                             f"{type(error).__name__}: {wire.excerpt(str(error))}")
+            if not self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._connections.drained_at = math.inf
+                return
 
     def _admit(self, routing_id: zmq.Frame, frames: list[zmq.Frame]) -> None:
         connection = self._connections.delivered(routing_id, frames)
-        if not connection.take_token(self._epoch, self.limits.burst):
+        if not connection.take_token(self._epoch, self.limits.burst, self._refill):
             return self._reject("rate_limited", f"connection {routing_id.bytes.hex()}")
         try:
             message = wire.decode(frames, self.layout_hash, self.vector_size, self.max_message_bytes)
         except wire.WireError as error:
             return self._reject(error.reason, f"connection {routing_id.bytes.hex()}", str(error))
+        if message.kind == STATUS:  # from any connection the handshake admitted; it earns no protection
+            return self._answer_status(routing_id, message)
         peer = f"node {message.sender}"
         if message.kind not in self.kinds:
             return self._reject("unexpected_kind", peer, message.kind)
@@ -228,26 +395,72 @@ class ZmqTransport(Transport):
             return self._reject("unknown_sender", peer)
         if self._node_of_key and self._node_of_key.get(frames[0].get("User-Id")) != message.sender:
             return self._reject("spoofed_sender", peer)
-        connection.valid_at = time.monotonic()
-        self._inbox.offer(message, routing_id.bytes, authenticated=bool(self._node_of_key))
+        connection.valid_at = now = time.monotonic()
+        with self._lock:
+            self._inbox.offer(message, routing_id.bytes, authenticated=bool(self._node_of_key))
+            self._liveness.heard(message.sender, (message.kind, message.round, message.step), now)
+
+    def _answer_status(self, routing_id: zmq.Frame, request: Message) -> None:
+        """Reply over the query's own connection: the status callback's document, this node's
+        id, liveness table and drop counts, echoing the request's round and step."""
+        document: dict[str, Any] = {}
+        try:
+            document.update(self._status() if self._status else {})
+        except Exception as error:
+            document = {"error": f"the status callback failed: {type(error).__name__}"}
+            log.warning("node %d: status callback failed: %s", self.node_id, wire.excerpt(str(error)))
+        with self._lock:
+            document.update(node=self.node_id, liveness=as_document(self._liveness.snapshot(self.deadline_s)),
+                            rejected=dict(sorted(self._counts().items())))
+        reply = Message(STATUS, self.node_id, request.round, request.step, EMPTY, document)
+        try:
+            wire.check_message(reply, 0)  # what the querier's decode will check
+        except wire.WireError as error:
+            reply = Message(STATUS, self.node_id, request.round, request.step, EMPTY,
+                            {"node": self.node_id, "error": f"the status document cannot be sent ({error})"})
+        try:
+            self._router.send_multipart([routing_id, *wire.encode(reply, self.layout_hash)], flags=zmq.NOBLOCK)
+        except zmq.Again:  # the querier does not read: its reply is dropped like any unreadable send
+            pass
+
+    # --- counts (either thread) ---
+
+    def _counts(self) -> Counter[str]:
+        """Drops by reason: this transport's own and those other threads keep (under reasons only they use)."""
+        counts = Counter(self._dropped)
+        counts.update(self._connections.counts())
+        if self._listed is not None and self._listed.denied:
+            counts["unauthenticated"] = self._listed.denied
+        return counts
 
     def _update_counts(self) -> None:
-        """Copy in the counts kept by other threads (under reasons only they use)."""
-        for reason, count in self._connections.counts().items():
+        for reason, count in self._counts().items():
             self.rejected[reason] = count
-        if self._listed is not None and self._listed.denied:
-            self.rejected["unauthenticated"] = self._listed.denied
 
     def _reject(self, reason: str, peer: str, detail: str = "") -> None:
-        self.rejected[reason] += 1
-        if (peer, reason) not in self._logged and len(self._logged) < MAX_LOGGED:
+        with self._lock:
+            self._dropped[reason] += 1
+            if (peer, reason) in self._logged or len(self._logged) >= MAX_LOGGED:
+                return
             self._logged.add((peer, reason))
-            log.warning("node %d dropped a message from %s: %s", self.node_id, peer, (detail or reason)[:200])
+        log.warning("node %d dropped a message from %s: %s", self.node_id, peer, (detail or reason)[:200])
 
     def close(self, linger_s: float = 1.0) -> None:
-        """Close the sockets, giving queued sends up to `linger_s` to leave (a node's last message
-        is often still queued when it finishes); stop the watcher and the authenticator; end an
-        owned context."""
+        """Stop the I/O thread; close the sockets, giving queued sends up to `linger_s` to leave (a
+        node's last message is often still queued when it finishes); stop the watcher and the
+        authenticator; end an owned context."""
+        if self._io is not None:
+            with self._lock:
+                self._stopping = True
+                if self._reader == IO:
+                    self._wake.send(b"")
+                self._lock.notify_all()
+            self._io.join()
+        elif self._wake_end is not None:
+            self._wake_end.close(linger=0)
+        if self._wake is not None:
+            self._wake.close(linger=0)
+        self._io = self._wake = self._wake_end = None  # a second close only closes closed sockets
         if self._connections is not None:
             self._connections.close()
         for socket in self._dealers.values():
