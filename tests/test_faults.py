@@ -78,7 +78,8 @@ def test_a_killed_node_costs_two_deadlines_at_most_is_restarted_readmitted_and_r
     usual = statistics.median(r["round_seconds"] for r in before[-8:])
     after = read_rows(run_dir, 0)[len(before):len(before) + 15]
     extra = sum(max(0.0, r["round_seconds"] - usual) for r in after)
-    assert extra <= 2 * DEADLINE, (extra, usual, [round(r["round_seconds"], 2) for r in after])
+    jitter = 0.5  # the other 14 rounds' ordinary variation around the median, summed
+    assert extra <= 2 * DEADLINE + jitter, (extra, usual, [round(r["round_seconds"], 2) for r in after])
     assert after[-1]["liveness"]["1"]["state"] == "suspected"
     tail = [r["round_seconds"] for r in after[-5:]]
     assert statistics.median(tail) < usual + 0.5 * DEADLINE, (tail, usual)  # back to the usual length

@@ -81,15 +81,18 @@ def check_supported(cfg: ExperimentConfig) -> None:
 
 
 def backed_round(claims: Mapping[int, int], current: int, rounds: int) -> int:
-    """The round a node moves to when its neighbours are ahead: the newest round that a majority of
-    the neighbours heard from have reached, never past the run's last round and never behind its
-    own. A round number from the network is a claim, not an order: one spoofed message for round
-    2**31 - 1 once made a node skip to it, and its own messages then ended the run for everyone."""
+    """The round a node moves to when its neighbours are ahead: the one after the newest round that
+    a majority of the neighbours heard from have reached, never past the run's last round and never
+    behind its own. The one after: the neighbours sent that round's messages before this node got
+    there (they are gone, dropped as too far ahead), and a rejoiner that waited for them lost a
+    deadline a round and never caught up. A round number from the network is a claim, not an
+    order: one spoofed message for round 2**31 - 1 once made a node skip to it, and its own
+    messages then ended the run for everyone."""
     if not claims:
         return current
     majority = len(claims) // 2 + 1
     backed = sorted(claims.values(), reverse=True)[majority - 1]
-    return max(current, min(backed, rounds - 1))
+    return current if backed <= current else min(backed + 1, rounds - 1)
 
 
 class NodeProcess:
