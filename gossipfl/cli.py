@@ -113,6 +113,9 @@ def run_text(summary: dict[str, Any], run_dir: Any) -> str:
                      f"{summary['final_accuracy_min']:.4f} weakest node"
                      + (f", {summary['final_accuracy_average_model']:.4f} average model"
                         if summary.get("final_accuracy_average_model") is not None else ""))
+    if summary.get("final_merge_accuracy") is not None:
+        lines.append(f"final merge: {summary['final_merge_accuracy']:.4f}, the exact average of "
+                     f"{summary['final_merge_nodes']} of {summary['nodes']} nodes' models")
     if summary.get("final_consensus_distance") is not None:
         lines.append(f"consensus distance: {summary['final_consensus_distance']:.4g}")
     if summary.get("wall_seconds") is not None:
@@ -173,14 +176,39 @@ def cmd_node(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = config_mod.load(args.config)
+    node_id = node_id_of(args, cfg)
+    from .runtimes import cap_threads
+    cap_threads(cfg.threads)  # before torch loads: its thread pools and BLAS's read the limit at start
     from .experiment import Experiment
     from .runtimes.process import run_node
     n = Experiment(cfg).n
-    if not 0 <= args.id < n:
-        raise UsageError(f"--id {args.id} is out of range: {args.config} describes {n} nodes (ids 0..{n - 1})")
+    if not 0 <= node_id < n:
+        given = f"--id {node_id}" if args.id is not None else f"deploy.id = {node_id}"
+        raise UsageError(f"{given} is out of range: {args.config} describes {n} nodes (ids 0..{n - 1})")
     run_dir = cfg.deploy.run_dir or f"{cfg.output}/{cfg.name}"
-    summary = run_node(cfg, args.id, run_dir, resume=args.resume)
+    summary = run_node(cfg, node_id, run_dir, resume=args.resume)
     print(json.dumps(summary))
+    return 0
+
+
+def node_id_of(args: argparse.Namespace, cfg: config_mod.ExperimentConfig) -> int:
+    """--id, or the file's deploy.id; both given, they must agree."""
+    own = cfg.deploy.id if cfg.deploy.id >= 0 else None
+    if args.id is not None and own is not None and args.id != own:
+        raise UsageError(f"--id {args.id} disagrees with deploy.id = {own} in {args.config}")
+    if args.id is None and own is None:
+        raise UsageError(f"{args.config} sets no deploy.id: give --id N")
+    return own if args.id is None else args.id
+
+
+def cmd_deploy_init(args: argparse.Namespace) -> int:
+    from .deploy.bundle import RUNSHEET, init_deployment
+    from .deploy.hosts import Target
+    raw = config_mod.apply_overrides(config_mod.config_dict(args.config), dict(config_mod.parse_override(text) for text in args.set))
+    say = lambda text: print(text, flush=True)  # noqa: E731
+    out = init_deployment(raw, args.graph, args.hosts, args.out, keys=not args.no_keys,
+                          target=Target(args.user, args.remote_dir, args.venv), say=say)
+    say(f"wrote {out}; next steps in {out / RUNSHEET}")
     return 0
 
 
@@ -202,16 +230,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not addresses:
         raise UsageError(f"{args.target}: deploy.addresses is empty, so there are no nodes to ask")
     curve = None
-    if cfg.deploy.keys:
+    keys, named = (args.keys, f"--keys {args.keys}") if args.keys else (cfg.deploy.keys, f"deploy.keys = {cfg.deploy.keys!r}")
+    if keys:
         from .transport.keys import load_operator_keys
         try:
-            curve = load_operator_keys(cfg.deploy.keys)
+            curve = load_operator_keys(keys)
         except FileNotFoundError as exc:
-            raise UsageError(f"deploy.keys = {cfg.deploy.keys!r} has no operator key pair ({exc.filename}); "
-                             "write keys with this version's gossipfl keys") from None
+            raise UsageError(f"{named} has no operator key pair ({exc.filename}); write keys with this "
+                             "version's gossipfl keys (deploy init: the folder operator/)") from None
         missing = [i for i in range(len(addresses)) if i not in curve.allowed_public_keys]
         if missing:
-            raise UsageError(f"deploy.keys = {cfg.deploy.keys!r} lists no public key for node {missing[0]}")
+            raise UsageError(f"{named} lists no public key for node {missing[0]}")
     from .transport.status import query_status
     answers = query_status({i: f"tcp://{a}" for i, a in enumerate(addresses)}, args.timeout, curve)
     nodes = [{"node": i, "address": addresses[i], "reachable": answer is not None, **(answer or {})}
@@ -405,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Run one node of a deployment over ZeroMQ; see docs/deployment.md.")
     node.add_argument("--config", required=True, metavar="DEPLOY.toml",
                       help="deployment TOML: the experiment plus [deploy] addresses")
-    node.add_argument("--id", type=int, required=True, help="this node's id, 0..n-1")
+    node.add_argument("--id", type=int, help="this node's id, 0..n-1 (default: the file's deploy.id)")
     node.add_argument("--resume", action="store_true", help="continue from this node's last checkpoint")
     node.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                       help="stderr log detail: " + ", ".join(LOG_LEVELS) + " (default info: a line per round)")
@@ -420,8 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a run folder of gossipfl launch (its config.toml) or a deployment file")
     status.add_argument("--timeout", type=positive_float, default=3.0, metavar="S",
                         help="seconds to wait for the answers; a node silent that long is unreachable (default 3)")
+    status.add_argument("--keys", metavar="DIR", help="the operator's CurveZMQ key folder (default: the file's "
+                                                       "deploy.keys; deploy init writes it to operator/)")
     status.add_argument("--json", action="store_true", help="print the answers as one JSON document on stdout")
     status.set_defaults(func=cmd_status)
+
+    add_deploy_parser(sub)
 
     keys = sub.add_parser("keys", help="make CurveZMQ key pairs for a deployment",
                           description="Make one CurveZMQ key pair per node, the operator's pair (for "
@@ -474,6 +507,34 @@ def build_parser() -> argparse.ArgumentParser:
                       help="figure file type: " + ", ".join(IMAGE_FORMATS) + " (default png)")
     comp.set_defaults(func=cmd_compare)
     return parser
+
+
+def add_deploy_parser(sub: Any) -> None:
+    from .deploy.hosts import Target
+    deploy = sub.add_parser("deploy", help="prepare a deployment on separate hosts",
+                            description="Prepare a deployment on separate hosts (see docs/deploy.md).")
+    actions = deploy.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = actions.add_parser("init", help="write every host's files from a graph and a list of hosts",
+                              description="Write one deployment folder: per host its node file, CurveZMQ keys "
+                                          "and data shard; the mixing weights solved once (W.json), a systemd "
+                                          "unit template and RUNSHEET.md with the commands to copy, start, "
+                                          "watch and collect.")
+    init.add_argument("config", nargs="?", help="experiment TOML file (default: the built-in quickstart)")
+    init.add_argument("--graph", required=True, metavar="GRAPH", help="graph file (.edgelist, .graphml, .json): "
+                                                                      "node ids 0..n-1, one host each")
+    init.add_argument("--hosts", required=True, metavar="HOSTS.txt",
+                      help="one host or host:port a line in node-id order, # comments (or a .toml with hosts = "
+                           "[...]); the default port is 7100")
+    init.add_argument("--out", required=True, metavar="DIR", help="folder to create; must not exist or be empty")
+    init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field, value read as TOML (repeatable)")
+    init.add_argument("--no-keys", action="store_true", help="no CurveZMQ keys: a lab network only")
+    init.add_argument("--user", default=Target.user, help=f"account on the hosts (default {Target.user})")
+    init.add_argument("--remote-dir", default=Target.directory, metavar="DIR",
+                      help=f"deployment folder on the hosts (default {Target.directory})")
+    init.add_argument("--venv", default=Target.venv, metavar="DIR",
+                      help=f"virtual environment with gossipfl on the hosts (default {Target.venv})")
+    init.set_defaults(func=cmd_deploy_init)
 
 
 def main(argv: list[str] | None = None) -> int:

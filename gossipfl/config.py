@@ -59,6 +59,7 @@ class DataConfig:
     synthetic_samples: int = 4000
     synthetic_features: int = 20
     synthetic_classes: int = 4
+    shard: str = ""              # folder of one node's data from `gossipfl deploy init`; "" = load the data set
 
     def validate(self) -> None:
         from .data import DATASETS, PARTITIONS
@@ -314,6 +315,7 @@ class TimingConfig:
 class DeployConfig:
     """How node processes find each other; used by `gossipfl node` and `gossipfl launch` only."""
     addresses: list[str] = field(default_factory=list)  # "host:port" per node id; [] = free loopback ports
+    id: int = -1                 # the node this file is for (written by `gossipfl deploy init`); -1 = give --id
     run_dir: str = ""            # where nodes write results; "" = OUTPUT/NAME
     keys: str = ""               # folder from `gossipfl keys`; "" = no CurveZMQ
     deadline_s: float = 30.0     # the longest wait per gossip step before a silent neighbour is left out
@@ -330,8 +332,11 @@ class DeployConfig:
     max_connections_per_address: int = 0  # from one remote address; 0 = 2 per neighbour + 4
     idle_timeout_s: float = 300.0  # close a connection that sent no valid message for this long after connecting
     keepalive_s: int = 10        # TCP keepalive idle time and probe interval; 3 lost probes drop a dead peer
+    final_merge: bool = False    # end with the exact average of the live nodes' models, over a spanning tree
 
     def validate(self) -> None:
+        if self.id < -1:
+            raise ConfigError(f"deploy.id = {self.id} must be a node id >= 0 (or -1: given by --id)")
         for i, address in enumerate(self.addresses):
             host, sep, port = address.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -385,6 +390,9 @@ class ExperimentConfig:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate()
+        if self.deploy.final_merge and self.byzantine.attack:
+            raise ConfigError("deploy.final_merge averages every live model exactly, with no defence against "
+                              "byzantine.attack: turn one of them off")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -506,8 +514,13 @@ def derive(cfg: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentCon
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """A config file (or the quickstart when `path` is None) with `--set` texts applied, validated."""
-    data = read_toml(path) if path else quickstart().to_dict()
-    return from_dict(apply_overrides(data, dict(parse_override(text) for text in overrides)))
+    return from_dict(apply_overrides(config_dict(path), dict(parse_override(text) for text in overrides)))
+
+
+def config_dict(path: str | Path | None) -> dict[str, Any]:
+    """A config file's fields as written, before defaults fill the rest (the quickstart's when
+    `path` is None): what tells a field the user set from one left at its default."""
+    return read_toml(path) if path else tomllib.loads(resources.files("gossipfl").joinpath("quickstart.toml").read_text())
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -528,5 +541,4 @@ def load(path: str | Path) -> ExperimentConfig:
 
 def quickstart() -> ExperimentConfig:
     """The built-in quickstart experiment (also shipped as simulations/quickstart.toml)."""
-    text = resources.files("gossipfl").joinpath("quickstart.toml").read_text()
-    return from_dict(tomllib.loads(text))
+    return from_dict(config_dict(None))

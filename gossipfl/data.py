@@ -7,6 +7,7 @@ set drawn with its own label mix, for local evaluation; global metrics use the w
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,43 +33,55 @@ class DatasetError(UserError, RuntimeError):
 
 @dataclass
 class Dataset:
-    """Training inputs stay in their stored form (uint8 for IDX images: a quarter of float32) and
-    are normalised per node slice by `train_inputs`, so a node process holds one float copy of its
-    own data only. Test inputs are normalised once: every evaluation uses all of them."""
+    """Inputs stay in their stored form (uint8 for IDX images: a quarter of float32) and are
+    normalised per slice (`train_inputs`, `test_inputs`, `normalise`), so a node process holds one
+    float copy of its own training data only, and evaluation converts one test batch at a time."""
     name: str
     train_stored: torch.Tensor  # (N, C, H, W) for images or (N, F), any dtype
     y_train: torch.Tensor       # int64
-    x_test: torch.Tensor        # float32, normalised
+    test_stored: torch.Tensor   # stored as the training inputs are
     y_test: torch.Tensor
     num_classes: int
-    scale: float = 1.0          # train input = stored * scale + shift
+    scale: float = 1.0          # input = stored * scale + shift
     shift: float = 0.0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_stored.shape[1:])
 
+    def normalise(self, stored: torch.Tensor) -> torch.Tensor:
+        """Float32 model inputs from stored ones (a new tensor)."""
+        return stored.to(torch.float32, copy=True).mul_(self.scale).add_(self.shift)
+
     def train_inputs(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised float32 training inputs (all, or those at `index`)."""
-        stored = self.train_stored if index is None else self.train_stored[index]
-        return stored.to(torch.float32, copy=True).mul_(self.scale).add_(self.shift)
+        return self.normalise(self.train_stored if index is None else self.train_stored[index])
+
+    def test_inputs(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised float32 test inputs (all, or those at `index`)."""
+        return self.normalise(self.test_stored if index is None else self.test_stored[index])
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Parse one IDX file (raw or gzip) into a numpy array."""
+    """Parse one IDX file (raw or gzip) into a native-endian numpy array, read straight into the
+    array (a node that loads the whole set peaks at one copy of it, not two)."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise DatasetError(f"{path}: not an IDX file (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DatasetError(f"{path}: IDX body holds {len(raw) - header} bytes, header says {expected}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+        magic = f.read(4)
+        if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in IDX_DTYPES:
+            raise DatasetError(f"{path}: not an IDX file (bad magic number)")
+        dims = f.read(4 * magic[3])
+        if len(dims) < 4 * magic[3]:
+            raise DatasetError(f"{path}: IDX header cut short")
+        shape = tuple(int.from_bytes(dims[4 * i:4 * i + 4], "big") for i in range(magic[3]))
+        array = np.empty(shape, dtype=np.dtype(IDX_DTYPES[magic[2]]))
+        view, filled = memoryview(array.reshape(-1).view(np.uint8)), 0
+        while filled < len(view) and (got := f.readinto(view[filled:])):
+            filled += got
+        if filled < len(view) or f.read(1):
+            held = f"{filled}" if filled < len(view) else f"more than {filled}"
+            raise DatasetError(f"{path}: IDX body holds {held} bytes, header says {len(view)}")
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
 def named_dir(path: str = "") -> tuple[str, str] | None:
@@ -116,12 +129,11 @@ def load_idx_dataset(name: str, path: str = "") -> Dataset:
     with the training set's pixel mean and deviation."""
     directory = data_dir(path)
     arrays = {key: read_idx(_find(directory, stem)) for key, stem in IDX_FILES.items()}
-    train = torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1)
     mean, std = _pixel_moments(arrays["train_images"])
-    scale, shift = 1.0 / std, -mean / std
-    x_test = torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1).to(torch.float32).mul_(scale).add_(shift)
-    return Dataset(name, train, torch.from_numpy(arrays["train_labels"].astype(np.int64)), x_test,
-                   torch.from_numpy(arrays["test_labels"].astype(np.int64)), 10, scale, shift)
+    images = {key: torch.from_numpy(arrays[key]).unsqueeze(1) for key in ("train_images", "test_images")}
+    return Dataset(name, images["train_images"], torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+                   images["test_images"], torch.from_numpy(arrays["test_labels"].astype(np.int64)), 10,
+                   1.0 / std, -mean / std)
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
@@ -187,6 +199,80 @@ def load(name: str, path: str = "", *, seed: int = 0, synthetic: tuple[int, int,
     if name == "synthetic":
         return make_synthetic(*synthetic, seed=seed)
     raise DatasetError(f"unknown dataset {name!r}")
+
+
+# ---------------------------------------------------------------- one node's shard
+
+SHARD_FORMAT = 1
+SHARD_ARRAYS = ("train-inputs", "train-labels", "test-inputs", "test-labels", "validation", "local-test")
+
+
+@dataclass
+class Shard:
+    """One node's slice of a data set, exported by `gossipfl deploy init` so that a node on a small
+    host reads only its own training samples (in partition order) and the test set, never the
+    whole training set. `validation` holds positions within the node's samples (held out for
+    filters that judge models), `local_test` indices into the test set; `source` is what the
+    shard was cut from (data settings, seed, node count), checked against the reading config."""
+    node: int
+    dataset: Dataset
+    validation: np.ndarray
+    local_test: np.ndarray
+    source: dict
+
+    def per_node(self, own: np.ndarray, nodes: int) -> list[np.ndarray]:
+        """A per-node list of index arrays in which only this shard's node has entries."""
+        return [own if i == self.node else np.empty(0, dtype=np.int64) for i in range(nodes)]
+
+
+def write_shard(directory: str | Path, dataset: Dataset, node: int, share: np.ndarray, validation: np.ndarray,
+                local_test: np.ndarray, source: dict) -> Path:
+    """Export node `node`'s shard: its training samples `share` (indices into `dataset`'s training
+    set), the positions among them held out for validation, its local test indices, and the test set."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    index = torch.from_numpy(np.asarray(share, dtype=np.int64))
+    arrays = {"train-inputs": dataset.train_stored[index], "train-labels": dataset.y_train[index],
+              "test-inputs": dataset.test_stored, "test-labels": dataset.y_test,
+              "validation": torch.from_numpy(np.asarray(validation, dtype=np.int64)),
+              "local-test": torch.from_numpy(np.asarray(local_test, dtype=np.int64))}
+    for name, array in arrays.items():
+        np.save(directory / f"{name}.npy", array.numpy(), allow_pickle=False)
+    meta = {"format": SHARD_FORMAT, "node": node, "dataset": dataset.name, "num_classes": dataset.num_classes,
+            "scale": dataset.scale, "shift": dataset.shift, "source": source}
+    (directory / "shard.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return directory
+
+
+def read_shard(directory: str | Path) -> Shard:
+    """A shard written by `write_shard`, checked for completeness and consistent shapes (arrays
+    are read without pickle)."""
+    directory = Path(directory)
+    where = f"data.shard = {str(directory)!r}"
+    try:
+        meta = json.loads((directory / "shard.json").read_text())
+        arrays = {name: np.load(directory / f"{name}.npy", allow_pickle=False) for name in SHARD_ARRAYS}
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{where}: {Path(exc.filename).name} is missing; export the shard again with "
+                           f"`gossipfl deploy init`") from None
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{where}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
+        raise DatasetError(f"{where}: shard.json is not a format-{SHARD_FORMAT} shard description")
+    x, y, tx, ty = (arrays[k] for k in ("train-inputs", "train-labels", "test-inputs", "test-labels"))
+    classes = meta.get("num_classes")
+    if (len(x) != len(y) or len(tx) != len(ty) or x.shape[1:] != tx.shape[1:] or not isinstance(classes, int)
+            or any(a.dtype != np.int64 or a.ndim != 1 for a in (y, ty, arrays["validation"], arrays["local-test"]))
+            or not _within(y, classes) or not _within(ty, classes) or not _within(arrays["validation"], len(x))
+            or not _within(arrays["local-test"], len(tx))):
+        raise DatasetError(f"{where}: its arrays disagree in length, type or range; export it again")
+    dataset = Dataset(str(meta["dataset"]), torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(tx),
+                      torch.from_numpy(ty), classes, float(meta["scale"]), float(meta["shift"]))
+    return Shard(int(meta["node"]), dataset, arrays["validation"], arrays["local-test"], meta["source"])
+
+
+def _within(index: np.ndarray, bound: int) -> bool:
+    return index.size == 0 or (int(index.min()) >= 0 and int(index.max()) < bound)
 
 
 # ---------------------------------------------------------------- partitions

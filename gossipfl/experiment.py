@@ -95,14 +95,39 @@ class Experiment:
         return schedule.sync_plan(g.steps)
 
     @cached_property
+    def shard(self) -> data.Shard | None:
+        """This node's slice of the data set from `gossipfl deploy init` (data.shard), checked to be
+        cut from this config's data settings; None: the whole data set is loaded."""
+        if not self.cfg.data.shard:
+            return None
+        shard = data.read_shard(self.cfg.data.shard)
+        if shard.source != self.data_source():
+            raise ConfigError(f"data.shard = {self.cfg.data.shard!r} was cut for other data settings "
+                              f"({shard.source}); export it again with `gossipfl deploy init`")
+        return shard
+
+    def data_source(self) -> dict[str, Any]:
+        """What decides each node's data: a shard records it, and must match the config reading it."""
+        d = dataclasses.asdict(self.cfg.data)
+        for key in ("path", "shard"):
+            d.pop(key)
+        d["dataset"] = data.resolve_name(self.cfg.data.dataset, self.cfg.data.path)
+        fraction = self.cfg.robust.validation_fraction if self.needs_validation else None
+        return {"data": d, "seed": self.cfg.seed, "nodes": self.n, "validation_fraction": fraction}
+
+    @cached_property
     def dataset(self) -> data.Dataset:
+        if self.shard:
+            return self.shard.dataset
         d = self.cfg.data
         return data.load(d.dataset, d.path, seed=self.cfg.seed,
                          synthetic=(d.synthetic_samples, d.synthetic_features, d.synthetic_classes))
 
     @cached_property
     def partition(self) -> list[np.ndarray]:
-        """Each node's share of the training set."""
+        """Each node's share of the training set (from a shard: its own node's only)."""
+        if self.shard:
+            return self.shard.per_node(np.arange(len(self.dataset.y_train)), self.n)
         d = self.cfg.data
         return data.partition(self.dataset.y_train.numpy(), self.n, d.partition, seed=self.cfg.seed,
                               alpha=d.alpha, shards_per_node=d.shards_per_node)
@@ -119,6 +144,8 @@ class Experiment:
         sample), held out of training; empty unless a filter needs it."""
         if not self.needs_validation:
             return [np.empty(0, dtype=np.int64) for _ in range(self.n)]
+        if self.shard:
+            return self.shard.per_node(self.shard.validation, self.n)
         rng = np.random.default_rng(round_seed(self.cfg.seed, VALIDATION_STREAM))
         fraction = self.cfg.robust.validation_fraction
         return [np.sort(rng.choice(p, max(1, int(len(p) * fraction)), replace=False)) for p in self.partition]
@@ -130,6 +157,8 @@ class Experiment:
 
     @cached_property
     def local_test_parts(self) -> list[np.ndarray]:
+        if self.shard:
+            return self.shard.per_node(self.shard.local_test, self.n)
         return data.local_test_split(self.partition, self.dataset.y_train.numpy(), self.dataset.y_test.numpy(),
                                      seed=self.cfg.seed)
 
@@ -252,18 +281,23 @@ class Experiment:
 
     def make_node(self, node: int, transport: Transport, network: bool) -> Node:
         """Node `node` over `transport`; `network` says whether its input comes from a real network."""
+        if self.shard and node != self.shard.node:
+            raise ConfigError(f"data.shard = {self.cfg.data.shard!r} holds node {self.shard.node}'s data, "
+                              f"not node {node}'s")
         flat = self.build_model(node)
         part = torch.from_numpy(self.parts[node])
         if len(part) == 0:
             raise ValueError(f"node {node} has no training data")
-        x, y, t = self.dataset.train_inputs(part), self.dataset.y_train[part], self.cfg.train
+        stored = self.dataset.train_stored  # kept stored (uint8 images): see module_gradient
+        x = stored if len(part) == len(stored) else stored[part]  # a shard's node takes all of it: no copy
+        y, t = self.dataset.y_train[part], self.cfg.train
         attack = self.attack if node in self.attackers else None
         if attack is not None and attack.label_map is not None:
             y = attack.label_map(y, self.dataset.num_classes)
         training = LocalTraining(flat.params.view(1, -1), flat.grad.view(1, -1), t)
         return Node(node, flat, training,
                     batches=lambda r: local_batches(self.cfg.seed, node, r, len(y), t.local_steps, t.batch_size),
-                    gradient=module_gradient(flat, x, y), lr=lambda r: learning_rate(t, r),
+                    gradient=module_gradient(flat, x, y, self.dataset.normalise), lr=lambda r: learning_rate(t, r),
                     self_weight=float(self.mixing[node, node]), neighbour_weights=self.neighbour_weights(node),
                     transport=transport, merger=self.merger(flat.layout),
                     filters=FilterChain([]) if attack else self.filters(1, network), attack=attack)

@@ -59,10 +59,12 @@ class Evaluator:
         tests = len(dataset.y_test)
         test_index = (np.sort(rng.choice(tests, cfg.test_samples, replace=False))
                       if 0 < cfg.test_samples < tests else np.arange(tests))
-        self.stacked, self.batch = stacked, cfg.batch_size
-        self.x = dataset.x_test[torch.from_numpy(test_index)].to(device)
-        self.y = dataset.y_test[torch.from_numpy(test_index)].to(device)
-        self.local_x, self.local_y = dataset.x_test.to(device), dataset.y_test.to(device)
+        self.stacked, self.batch, self.inputs = stacked, cfg.batch_size, dataset.normalise
+        self.local_x, self.local_y = dataset.test_stored.to(device), dataset.y_test.to(device)
+        if len(test_index) == tests:  # the whole test set: no second copy of it
+            self.x, self.y = self.local_x, self.local_y
+        else:
+            self.x, self.y = self.local_x[torch.from_numpy(test_index)], self.local_y[torch.from_numpy(test_index)]
         self.local_parts = [torch.from_numpy(p).to(device) for p in local_parts]
 
     @torch.inference_mode()
@@ -71,7 +73,7 @@ class Evaluator:
         correct = torch.zeros(matrix.shape[0], dtype=torch.long, device=matrix.device)
         for index, models in self._model_chunks(matrix):
             for start in range(0, len(self.y), self.batch):
-                x, y = self.x[start:start + self.batch], self.y[start:start + self.batch]
+                x, y = self.inputs(self.x[start:start + self.batch]), self.y[start:start + self.batch]
                 correct[index] += (self.stacked(models, x, shared=True).argmax(dim=2) == y).sum(dim=1)
         return correct.cpu().double() / len(self.y)
 
@@ -87,7 +89,7 @@ class Evaluator:
             for start in range(0, padded.shape[1], self.batch):
                 idx = padded[:, start:start + self.batch]
                 real = torch.arange(start, start + idx.shape[1], device=idx.device)[None, :] < lengths[:, None]
-                right = self.stacked(models, self.local_x[idx]).argmax(dim=2) == self.local_y[idx]
+                right = self.stacked(models, self.inputs(self.local_x[idx])).argmax(dim=2) == self.local_y[idx]
                 hits += (right & real).sum(dim=1)
             out[index] = torch.where(lengths > 0, hits / lengths.clamp_min(1), float("nan")).cpu().double()
         return out

@@ -4,10 +4,12 @@ condition, and writing the deployment file the nodes read."""
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 from gossipfl.config import ExperimentConfig
+from gossipfl.deploy.bundle import node_file
 from gossipfl.experiment import Experiment
 from gossipfl.runtimes.launch import deployment
 from gossipfl.runtimes.process import node_dir
@@ -58,3 +60,9 @@ def kill_nodes_of(run_dir):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def node_command(node: int, python_flags: tuple[str, ...] = ()) -> list[str]:
+    """How deploy init's systemd unit starts a node, from the deployment folder (a first start with
+    --resume and no checkpoint starts fresh)."""
+    return [sys.executable, *python_flags, "-m", "gossipfl", "node", "--config", node_file(node), "--resume"]

@@ -134,6 +134,12 @@ def bad_inputs(tmp_path):
     (tmp_path / "modest.toml").write_text((tmp_path / "deploy.toml").read_text().replace(
         "[deploy]", '[sampling]\nkind = "modest"\n[deploy]'))
     (tmp_path / "sweep.toml").write_text('rounds = 1\n[sweep]\nseeds = 2\n')
+    (tmp_path / "node1.toml").write_text(deploy + 'id = 1\naddresses = ["127.0.0.1:7101", "127.0.0.1:7102", '
+                                         '"127.0.0.1:7103", "127.0.0.1:7104"]\n')
+    (tmp_path / "badid.toml").write_text(deploy + 'id = -3\n')
+    (tmp_path / "hosts3.txt").write_text("a\nb\nc\n")
+    (tmp_path / "hosts8.txt").write_text("".join(f"h{i}\n" for i in range(8)))
+    (tmp_path / "hosts-bad.txt").write_text("a\nb c\n")
     ring8 = str(ROOT / "topologies" / "ring8.edgelist")
     regular300 = topology.write_graph(topology.build("random_regular", 300, degree=4), tmp_path / "rr300.edgelist")
     (tmp_path / "keys").mkdir()
@@ -157,6 +163,16 @@ def bad_inputs(tmp_path):
         ("simulate", str(tmp_path / "sweep.toml")): "[sweep]",
         ("node", "--config", str(tmp_path / "deploy.toml"), "--id", "7"): "--id 7 is out of range",
         ("node", "--config", str(tmp_path / "foreign.toml"), "--id", "0"): "deploy.addresses[0] = '192.0.2.1:7101'",
+        ("node", "--config", str(tmp_path / "deploy.toml")): "sets no deploy.id: give --id N",
+        ("node", "--config", str(tmp_path / "node1.toml"), "--id", "2"): "--id 2 disagrees with deploy.id = 1",
+        ("node", "--config", str(tmp_path / "badid.toml")): "deploy.id = -3 must be a node id",
+        ("deploy", "init", "--graph", ring8, "--hosts", str(tmp_path / "hosts3.txt"), "--out",
+         str(tmp_path / "d1")): "lists 3 hosts but",
+        ("deploy", "init", "--graph", ring8, "--hosts", str(tmp_path / "hosts8.txt"), "--out",
+         str(tmp_path / "used")): "--out",
+        ("deploy", "init", "--graph", ring8, "--hosts", str(tmp_path / "hosts-bad.txt"), "--out",
+         str(tmp_path / "d2")): "hosts-bad.txt:2: one host a line",
+        ("deploy", "init", "--graph", ring8, "--hosts", str(tmp_path / "hosts8.txt")): "--out",
         ("node", "--config", str(tmp_path / "modest.toml"), "--id", "0"):
             "sampling.kind = 'modest'",
         ("launch", *SMALL, "--set", "sampling.kind='modest'", "--out", str(tmp_path / "modest-launch")):

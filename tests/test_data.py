@@ -66,7 +66,7 @@ def test_reads_any_directory_of_idx_files(tmp_path, gz, monkeypatch):
         write_idx(tmp_path / f"{split}-images-idx3-ubyte{suffix}", img, gz)
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, len(img), dtype=np.uint8), gz)
     ds = data.load("fashion-mnist", str(tmp_path))
-    assert ds.train_inputs().shape == (50, 1, 28, 28) and ds.x_test.shape == (20, 1, 28, 28)
+    assert ds.train_inputs().shape == (50, 1, 28, 28) and ds.test_inputs().shape == (20, 1, 28, 28)
     assert ds.num_classes == 10 and ds.y_train.dtype.is_floating_point is False
     assert abs(float(ds.train_inputs().mean())) < 1e-5  # normalised with training statistics
     assert float(ds.train_inputs().std()) == pytest.approx(1.0, rel=1e-3)

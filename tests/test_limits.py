@@ -49,3 +49,39 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit():
     soft, hard = map(int, out)
     assert soft == hard > 256
     assert raise_open_file_limit() >= 256  # in this process: never lowered
+
+
+def test_a_connection_whose_peer_is_gone_before_the_watcher_looks_is_forgotten_not_fatal():
+    """A peer that resets its connection between libzmq's accept and the watcher's look made
+    getpeername raise ENOTCONN, which ended the watcher thread."""
+    import socket
+    import struct
+
+    import zmq
+
+    from gossipfl.transport.connections import ConnectionWatcher
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind("tcp://127.0.0.1:*")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    watcher = ConnectionWatcher(router, max_connections=8, max_per_address=8, max_pending_bytes=1 << 20,
+                                idle_timeout_s=5.0, burst=4, curve=False)
+    try:
+        watcher._local = f"tcp://127.0.0.1:{server.getsockname()[1]}"  # the reset socket counts as the router's
+        client = socket.socket()
+        client.connect(server.getsockname())
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset: the accepted end is no longer connected
+        accepted, _ = server.accept()
+        watcher._accepted(accepted.fileno())
+        assert accepted.fileno() not in watcher._by_fd
+        accepted.close()
+    finally:
+        watcher.close()
+        server.close()
+        router.close()
+        context.term()

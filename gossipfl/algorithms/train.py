@@ -79,12 +79,16 @@ class LocalTraining:
         return total / steps if steps else torch.full_like(total, float("nan"))
 
 
-def module_gradient(flat: FlatModel, x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def module_gradient(flat: FlatModel, x: torch.Tensor, y: torch.Tensor,
+                    inputs: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Gradients of one FlatModel by its own forward and backward: `gradient(indices)` trains on
-    (x[indices], y[indices]) and leaves the gradient in `flat.grad`."""
+    (x[indices], y[indices]) and leaves the gradient in `flat.grad`. With `inputs`, `x` is stored
+    data (uint8 images) and each minibatch is turned into model inputs on its own, so a node holds
+    a quarter of the memory a float copy of its data would take."""
     def gradient(indices: torch.Tensor) -> torch.Tensor:
         flat.grad.zero_()
-        loss = F.cross_entropy(flat.module(x[indices]), y[indices])
+        batch = x[indices] if inputs is None else inputs(x[indices])
+        loss = F.cross_entropy(flat.module(batch), y[indices])
         loss.backward()
         return loss.detach().view(1)
     return gradient

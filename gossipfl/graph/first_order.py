@@ -6,17 +6,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import networkx as nx
 import numpy as np
-import scipy.sparse as sp
-from scipy.sparse.linalg import splu
 from threadpoolctl import threadpool_limits
 
 from . import mixing, topology
 from .mixing import edge_array
 from .sdp import SolveResult, checked_matrix, node_sums, scale_into_budget
+
+if TYPE_CHECKING:  # imported where used: a node process that imports the method table never needs it
+    import scipy.sparse as sp
 
 # Smoothing stages: mu = factor * (1 - SLEM of the start), so the schedule follows the graph's own
 # spectral scale (a 2048-ring has a gap of 3e-6, a 32-node random graph one of 0.2).
@@ -76,6 +77,7 @@ class _SpectrumOracle:
         self.krylov = _BlockKrylov(n)
 
     def __call__(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import scipy.sparse as sp
         diagonal = 1.0 - node_sums(weights, self.edges, self.n)
         matrix = sp.csr_matrix((np.r_[weights, weights, diagonal], (self.rows, self.cols)), shape=(self.n, self.n))
         if self.n <= DENSE_EIGEN_LIMIT:
@@ -129,6 +131,8 @@ class _BlockKrylov:
         return values[wanted], self.block[:, wanted]
 
     def _inverses(self, matrix: sp.csr_matrix) -> list[Callable[[np.ndarray], np.ndarray]]:
+        import scipy.sparse as sp
+        from scipy.sparse.linalg import splu
         shift = (1.0 + self.gap) * sp.eye(matrix.shape[0])
         factors = [splu(sp.csc_matrix(shift - matrix)), splu(sp.csc_matrix(shift + matrix))]
         return [lambda x, factor=factor: _centred(factor.solve(_centred(x))) for factor in factors]

@@ -22,16 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
-import scipy.sparse as sp
-from scipy.sparse.csgraph import reverse_cuthill_mckee
-from scipy.sparse.linalg import splu
 
 from ..errors import UserError
 from . import mixing, topology
 from .mixing import edge_array
 
-if TYPE_CHECKING:  # cvxpy (about 80 MB and 1 s to import) is imported by the functions that solve,
-    import cvxpy as cp  # so node processes that only load a stored W.json never pay for it
+if TYPE_CHECKING:  # cvxpy (about 80 MB and 1 s to import) and scipy.sparse (24 MB) are imported by the
+    import cvxpy as cp  # functions that solve, so node processes that only load a stored W.json never pay
+    import scipy.sparse as sp  # for them
 
 # Clarabel (interior point, with chordal decomposition) is fast and accurate while the largest clique
 # of the projected Laplacian's sparsity pattern stays small. Measured on 2 cores: width 11-27 (rings
@@ -135,6 +133,8 @@ def _one_perp_basis(graph: nx.Graph) -> sp.csc_matrix:
     and -b on the other half, zero elsewhere. Edges between nearby nodes cancel in V^T (e_u - e_v)
     for every span that holds both ends, so V^T L V stays sparse and Clarabel can decompose it.
     """
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import reverse_cuthill_mckee
     n = graph.number_of_nodes()
     adjacency = sp.csr_matrix(nx.to_scipy_sparse_array(graph, nodelist=range(n)))
     order = reverse_cuthill_mckee(adjacency, symmetric_mode=True)
@@ -155,6 +155,7 @@ def _one_perp_basis(graph: nx.Graph) -> sp.csc_matrix:
 
 
 def _incidence(edges: np.ndarray, n: int, signed: bool = True) -> sp.csc_matrix:
+    import scipy.sparse as sp
     m = len(edges)
     signs = np.r_[np.ones(m), -np.ones(m) if signed else np.ones(m)]
     return sp.csc_matrix((signs, (edges.T.ravel(), np.r_[np.arange(m), np.arange(m)])), shape=(n, m))
@@ -162,6 +163,7 @@ def _incidence(edges: np.ndarray, n: int, signed: bool = True) -> sp.csc_matrix:
 
 def _outer_columns(b: sp.csc_matrix) -> sp.csc_matrix:
     """Column e of the result is vec(b_e b_e^T), so that vec(sum_e w_e b_e b_e^T) = result @ w."""
+    import scipy.sparse as sp
     b = sp.csc_matrix(b)
     b.sort_indices()
     counts = np.diff(b.indptr)
@@ -177,6 +179,8 @@ def _outer_columns(b: sp.csc_matrix) -> sp.csc_matrix:
 
 def _factor_width(pattern: sp.csc_matrix) -> int:
     """Largest column of a sparse factor of `pattern` in minimum-degree order, about its largest clique."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import splu
     size = pattern.shape[0]
     spd = sp.csc_matrix(pattern + size * sp.eye(size))
     factor = splu(spd, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
@@ -193,6 +197,7 @@ class _EdgeProgram:
 
     @classmethod
     def of(cls, graph: nx.Graph) -> _EdgeProgram:
+        import scipy.sparse as sp
         n = graph.number_of_nodes()
         edges = edge_array(graph)
         laplacian_map = _outer_columns(_one_perp_basis(graph).T @ _incidence(edges, n))

@@ -159,6 +159,18 @@ def network_metrics(run_dir: Path, nodes: list[int], round_index: int, evaluator
     return {"consensus_distance": consensus_distance(vectors), "accuracy_average_model": float(evaluator.accuracy(average)[0])}
 
 
+def final_merge_report(run_dir: Path, n: int) -> dict[str, Any]:
+    """deploy.final_merge, from the nodes' summaries: the accuracy of the largest average (a network
+    cut in parts averages each part apart), how many models it holds, and how many nodes got it."""
+    summaries = [json.loads(path.read_text()) for i in range(n)
+                 if (path := node_dir(run_dir, i) / "summary.json").exists()]
+    merged = [s for s in summaries if s.get("final_merge_nodes")]
+    best = max(merged, key=lambda s: s["final_merge_nodes"], default=None)
+    return {"final_merge_accuracy": best and best["final_merge_accuracy"],
+            "final_merge_nodes": best["final_merge_nodes"] if best else 0,
+            "final_merge_reached": sum(s["final_merge_nodes"] == best["final_merge_nodes"] for s in merged) if best else 0}
+
+
 @dataclass
 class NodeSlot:
     """One node of a launch: its current process and how it has fared."""
@@ -236,9 +248,10 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
             stop_all([s.proc for s in slots])  # SIGTERM: each node ends after its current step, with a summary
         collect()
         dead = sorted(s.id for s in slots if s.state == "dead")
+        merged = final_merge_report(run_dir, n) if cfg.deploy.final_merge else {}
         return writer.write_summary(status, nodes=n, dataset=experiment.dataset.name, run_dir=str(run_dir),
                                     runtime="launch", dead_nodes=dead, node_events=events,
-                                    restarts=sum(s.restarts for s in slots),
+                                    restarts=sum(s.restarts for s in slots), **merged,
                                     **experiment.misbehaviour(observations(run_dir, experiment.honest)))
     finally:  # also when a node failed to start: no process outlives the launch
         bar.close()

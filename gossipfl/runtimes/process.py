@@ -32,6 +32,7 @@ from ..transport.limits import Limits, raise_open_file_limit
 from ..transport.liveness import Detection, as_document
 from ..transport.zmq import ZmqTransport
 from .attacker import AttackerView
+from .final_merge import KINDS as FINAL_MERGE_KINDS, final_merge
 from .node import MODEL, PAIR_REPLY, PAIR_REQUEST, Node
 
 log = logging.getLogger("gossipfl.node")
@@ -59,6 +60,7 @@ def make_transport(cfg: ExperimentConfig, experiment: Experiment, node_id: int, 
     max_bytes = int(d.max_message_mb * 1e6) if d.max_message_mb else size * 4 + (1 << 20)
     curve = load_keys(d.keys, node_id) if d.keys else None
     kinds = {MODEL} if cfg.gossip.schedule in ("sync", "async") else {PAIR_REQUEST, PAIR_REPLY}
+    kinds |= FINAL_MERGE_KINDS if d.final_merge else set()
     limits = Limits(rounds_ahead=d.rounds_ahead, buffer_ttl_s=d.buffer_ttl_s,
                     max_connections=d.max_connections or None,
                     max_connections_per_address=d.max_connections_per_address or None,
@@ -71,6 +73,20 @@ def make_transport(cfg: ExperimentConfig, experiment: Experiment, node_id: int, 
     except zmq.ZMQError as exc:  # connect never fails up front: this is the bind of our own address
         raise ConfigError(f"deploy.addresses[{node_id}] = {d.addresses[node_id]!r}: "
                           f"cannot listen there ({exc})") from None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since its program started: VmHWM where /proc has it.
+    Not getrusage's ru_maxrss, which also holds the parent's memory at fork: a node started by a
+    launcher that had loaded the data set reported the launcher's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def check_supported(cfg: ExperimentConfig) -> None:
@@ -111,12 +127,12 @@ class NodeProcess:
         self.node: Node = self.experiment.make_node(node_id, self.transport, network=True)
         self.attacker = AttackerView(self.experiment, self.node) if self.node.attack else None
         self.evaluator = self.experiment.evaluator()
-        self.start_round, self.resumed = 0, resume
+        self.start_round, self.io_errors = 0, 0
         self.lock_step = cfg.gossip.schedule != "async"  # the rounds of lock-step schedules are rejoined
-        self.io_errors = 0
         self.round, self.completed, self.accuracy = 0, -1, None  # what a status query reports
         self.transport.set_status(self.status)
         saved = checkpoint.load_latest(self.dir, self.layout) if resume else None
+        self.resumed = saved is not None  # --resume without a checkpoint is a first start (a service always passes it)
         if saved is not None:
             self.node.flat.load(saved.vector)
             self.start_round = saved.round + 1
@@ -219,14 +235,28 @@ class NodeProcess:
                                      lambda: checkpoint.save(self.dir, r, self.node.vector, self.layout))
                 r += 1
         self.best_effort("final.npy", lambda: save_array(self.dir / "final.npy", self.node.vector.numpy()), attempts=5)
+        merged = self.final_merge() if cfg.deploy.final_merge and completed == cfg.rounds - 1 else {}
         summary = {"node": self.id, "rounds_completed": completed + 1, "stopped_early": completed < cfg.rounds - 1,
-                   "bytes_sent": self.transport.bytes_sent, "rejected": dict(self.transport.rejected),
+                   **merged, "bytes_sent": self.transport.bytes_sent, "rejected": dict(self.transport.rejected),
                    **self.node.counters.as_dict(), "observed": self.node.counters.state(), "io_errors": self.io_errors,
                    "wall_seconds": time.perf_counter() - started,
-                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                   "max_rss_mb": peak_rss_mb()}
         self.best_effort("summary.json", lambda: (self.dir / "summary.json").write_text(json.dumps(summary, indent=2)
                                                                                         + "\n"), attempts=5)
         return summary
+
+    def final_merge(self) -> dict[str, Any]:
+        """deploy.final_merge: the exact average of the live nodes' final models (runtimes/final_merge),
+        kept as merged.npy beside final.npy, and its accuracy for the summary."""
+        result = final_merge(self.transport, self.id, self.experiment.graph, self.node.vector, self.cfg.rounds - 1,
+                             self.cfg.deploy.deadline_s)
+        if result.vector is None:
+            log.warning("node %d: the final merge did not reach it (%d nodes taken as live)", self.id, result.live)
+            return {"final_merge_nodes": 0, "final_merge_live": result.live, "final_merge_accuracy": None}
+        self.best_effort("merged.npy", lambda: save_array(self.dir / "merged.npy", result.vector.numpy()), attempts=5)
+        accuracy = float(self.evaluator.accuracy(result.vector.view(1, -1))[0])
+        log.info("final merge of %d models: accuracy %.4f", result.nodes, accuracy)
+        return {"final_merge_nodes": result.nodes, "final_merge_live": result.live, "final_merge_accuracy": accuracy}
 
     def hear_from_neighbours(self, poll_s: float = 0.05) -> None:
         """A resumed node first waits (up to startup_s) until most neighbours have claimed a round,

@@ -187,8 +187,14 @@ class ConnectionWatcher:
             sock.close()
             self._by_fd.pop(fd, None)
             return
+        try:
+            address = sock.getpeername()[0] if sock.family in (socket.AF_INET, socket.AF_INET6) else ""
+        except OSError:  # the peer is gone already (ENOTCONN): nothing left to watch
+            sock.close()
+            self._by_fd.pop(fd, None)
+            return
         record.sock, record.inode, record.accepted = sock, os.fstat(sock.fileno()).st_ino, now
-        record.address = sock.getpeername()[0] if sock.family in (socket.AF_INET, socket.AF_INET6) else ""
+        record.address = address
         self._by_address.setdefault(record.address, set()).add(record)
         self._enforce_caps(record, now)
 

@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import tomli_w
 import zmq
@@ -46,25 +46,35 @@ def write_keys(directory: str | os.PathLike, node_ids: Iterable[int], replace: b
     """Generate a key pair per node and the operator's into `directory`; returns the path of the
     public listing. Existing key files raise FileExistsError unless `replace`: a deployment's
     keys are not lost by a second run of `gossipfl keys`."""
-    directory = Path(directory)
+    directory, node_ids = Path(directory), list(node_ids)
     stems = [f"node-{node}" for node in node_ids] + [OPERATOR]
     names = [LISTING] + [f"{stem}.{kind}" for stem in stems for kind in ("secret", "public")]
     existing = [name for name in names if (directory / name).exists()]
     if existing and not replace:
         raise FileExistsError(f"{len(existing)} key files exist already ({', '.join(existing[:3])}"
                               f"{', ...' if len(existing) > 3 else ''})")
-    directory.mkdir(parents=True, exist_ok=True)
-    public_keys = {}
-    for stem in stems:
-        public, secret = generate_keypair()
+    return write_host_keys({node: directory for node in node_ids}, directory)[0]
+
+
+def write_host_keys(folders: Mapping[int, str | os.PathLike], operator_folder: str | os.PathLike) -> list[Path]:
+    """A key pair per node, each written to its node's folder (several nodes may share one), the
+    operator's pair to `operator_folder`, and the public listing of all of them to every folder:
+    a host's folder then holds its own secret keys only. Returns the listings' paths, one per
+    distinct folder (the first is the first node's)."""
+    pairs = {node: generate_keypair() for node in folders}
+    operator_public, operator_secret = generate_keypair()
+    listing = tomli_w.dumps({"public_keys": {str(node): public.decode("ascii") for node, (public, _) in pairs.items()},
+                             "status_keys": {OPERATOR: operator_public.decode("ascii")}})
+    stems = {**{f"node-{node}": (Path(folders[node]), pair) for node, pair in pairs.items()},
+             OPERATOR: (Path(operator_folder), (operator_public, operator_secret))}
+    for stem, (directory, (public, secret)) in stems.items():
+        directory.mkdir(parents=True, exist_ok=True)
         _write_secret(directory / f"{stem}.secret", secret)
         (directory / f"{stem}.public").write_bytes(public + b"\n")
-        public_keys[stem] = public.decode("ascii")
-    operator = public_keys.pop(OPERATOR)
-    path = directory / LISTING
-    path.write_text(tomli_w.dumps({"public_keys": {stem.removeprefix("node-"): key for stem, key in public_keys.items()},
-                                   "status_keys": {OPERATOR: operator}}))
-    return path
+    paths = list(dict.fromkeys(directory / LISTING for directory, _ in stems.values()))
+    for path in paths:
+        path.write_text(listing)
+    return paths
 
 
 def read_public_keys(path: str | os.PathLike) -> dict[int, bytes]:
