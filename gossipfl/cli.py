@@ -160,6 +160,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     cfg = config_mod.load_config(args.config, defaults + args.set)
     from .rundir import claim_run_dir, new_run_dir, recording_status
     from .runtimes.launch import launch
+    from .runtimes.process import check_supported
+    check_supported(cfg)
     run_dir = claim_run_dir(args.out) if args.out else new_run_dir(cfg.output, cfg.name)
     with recording_status(run_dir):
         summary = launch(cfg, run_dir, progress=not args.quiet, restart=args.restart, max_restarts=args.max_restarts)

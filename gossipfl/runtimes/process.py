@@ -73,6 +73,13 @@ def make_transport(cfg: ExperimentConfig, experiment: Experiment, node_id: int, 
                           f"cannot listen there ({exc})") from None
 
 
+def check_supported(cfg: ExperimentConfig) -> None:
+    """What node processes do not run yet is refused before anything starts, not run as something else."""
+    if cfg.sampling.kind != "none":
+        raise ConfigError(f"sampling.kind = {cfg.sampling.kind!r} runs in `gossipfl simulate` only so far; "
+                          "node processes (launch, node) gossip with every node every round: use sampling.kind = 'none'")
+
+
 def backed_round(claims: Mapping[int, int], current: int, rounds: int) -> int:
     """The round a node moves to when its neighbours are ahead: the newest round that a majority of
     the neighbours heard from have reached, never past the run's last round and never behind its
@@ -89,6 +96,7 @@ class NodeProcess:
     """Runs one node's rounds; `stop()` (or a signal) ends it after the current gossip step."""
 
     def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: str | Path, resume: bool = False):
+        check_supported(cfg)
         self.cfg, self.id = cfg, node_id
         self.dir = node_dir(run_dir, node_id)
         self.dir.mkdir(parents=True, exist_ok=True)
