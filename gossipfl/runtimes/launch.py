@@ -85,7 +85,7 @@ class MetricsFollower:
     def __init__(self, run_dir: Path, n: int):
         self.paths = [node_dir(run_dir, i) / "metrics.jsonl" for i in range(n)]
         self.offsets = [0] * n
-        self.rows: list[dict[int, dict[str, Any]]] = [{} for _ in range(n)]
+        self.rows: list[dict[int, dict[Any, dict[str, Any]]]] = [{} for _ in range(n)]  # round -> role -> line
         self.newest = [-1] * n  # newest round each node reported
         self.next_round = 0
 
@@ -101,16 +101,49 @@ class MetricsFollower:
                     self.offsets[i] += len(line)
                     row = json.loads(line)
                     if row["round"] >= self.next_round:  # a resumed node may repeat rounds already gathered
-                        self.rows[i][row["round"]] = row
-                        self.newest[i] = max(self.newest[i], row["round"])
+                        self.rows[i].setdefault(row["round"], {})[row.get("role")] = row
+                        self.took(i, row)
         done = []
-        while self.next_round < rounds and all(self.newest[i] >= self.next_round or i in gone
-                                               for i in range(len(self.rows))):
-            present = [rows.pop(self.next_round) for rows in self.rows if self.next_round in rows]
+        while self.next_round < rounds and self.complete(self.next_round, gone, rounds):
+            present = [row for rows in self.rows for row in rows.pop(self.next_round, {}).values()]
             if present:
                 done.append(present)
             self.next_round += 1
         return done
+
+    def took(self, node: int, row: dict[str, Any]) -> None:
+        self.newest[node] = max(self.newest[node], row["round"])
+
+    def complete(self, r: int, gone: set[int], rounds: int) -> bool:
+        return all(self.newest[i] >= r or i in gone for i in range(len(self.rows)))
+
+    def started(self, node: int) -> bool:
+        """Whether `node` got past its start-up (so that its death is a fault, not a start-up problem)."""
+        return self.newest[node] >= 0
+
+
+class SampledFollower(MetricsFollower):
+    """The same for MoDeST, where only a round's sample and aggregators report it: round r is done
+    once an aggregate of a later round exists (its trainers started from round r's, so round r's
+    lines are written), the last round once its aggregate exists, any round once every node is
+    gone. A node has got past its start-up once the run has done a round."""
+
+    def __init__(self, run_dir: Path, n: int):
+        super().__init__(run_dir, n)
+        self.aggregated = -1  # the newest round an aggregator reported
+        self.bytes_sent = [0] * n  # each node's newest cumulative bytes_sent
+
+    def took(self, node: int, row: dict[str, Any]) -> None:
+        super().took(node, row)
+        if row["role"] == "aggregated":
+            self.aggregated = max(self.aggregated, row["round"])
+        self.bytes_sent[node] = max(self.bytes_sent[node], row["bytes_sent"])
+
+    def complete(self, r: int, gone: set[int], rounds: int) -> bool:
+        return self.aggregated > r or self.aggregated == r == rounds - 1 or len(gone) == len(self.rows)
+
+    def started(self, node: int) -> bool:
+        return self.next_round > 0 or super().started(node)
 
 
 def aggregate(rows: list[dict[str, Any]], started: float, attackers: set[int] = frozenset()) -> dict[str, Any]:
@@ -133,6 +166,30 @@ def aggregate(rows: list[dict[str, Any]], started: float, attackers: set[int] = 
         record.update(accuracy_mean=float(np.mean(acc)), accuracy_min=float(np.min(acc)),
                       accuracy_max=float(np.max(acc)),
                       accuracy_local_mean=float(np.nanmean([r["accuracy_local"] for r in rows])))
+    return record
+
+
+def sampled_record(rows: list[dict[str, Any]], bytes_sent: list[int], started: float) -> dict[str, Any]:
+    """One line of a MoDeST run's metrics.jsonl from the lines of its sample (role "trained") and
+    aggregators ("aggregated"); `bytes_sent` is every node's newest total. accuracy_global_model
+    is the aggregators' evaluation of their aggregate (their mean, with several aggregators)."""
+    trainers = [r for r in rows if r["role"] == "trained"]
+    aggregators = [r for r in rows if r["role"] == "aggregated"]
+    rejected: dict[str, int] = {}
+    for r in rows:
+        for reason, count in r["rejected"].items():
+            rejected[reason] = rejected.get(reason, 0) + count
+    record = {"round": rows[0]["round"], "nodes_reporting": len({r["node"] for r in rows}),
+              "sample": sorted(r["node"] for r in trainers), "aggregators": sorted(r["node"] for r in aggregators),
+              "skipped": sum(r["skipped"] for r in rows),
+              "train_loss": float(np.mean([r["train_loss"] for r in trainers])) if trainers else None,
+              "bytes_sent": sum(bytes_sent), "bytes_sent_max_node": max(bytes_sent), "rejected": rejected,
+              "flagged": sum(r["flagged"] for r in aggregators), "rolled_back": sum(r["rolled_back"] for r in aggregators),
+              "train_seconds": max([r["train_seconds"] for r in trainers], default=0.0),
+              "wall_seconds": time.perf_counter() - started}
+    evaluated = [r["accuracy"] for r in aggregators if "accuracy" in r]
+    if evaluated:
+        record["accuracy_global_model"] = float(np.mean(evaluated))
     return record
 
 
@@ -187,16 +244,20 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
     config_path = run_dir / "config.toml"
     started = time.perf_counter()
     slots = [NodeSlot(i, start_node(config_path, run_dir, i)) for i in range(n)]
-    follower = MetricsFollower(run_dir, n)
+    sampled = cfg.sampling.kind == "modest"
+    follower = (SampledFollower if sampled else MetricsFollower)(run_dir, n)
     bar = tqdm(total=cfg.rounds, desc=f"{cfg.name} ({n} processes)", unit="round", disable=not progress)
     evaluator = experiment.evaluator()
     attackers = set(experiment.attackers)
     events: list[dict[str, Any]] = []
+    newest: dict[str, float] = {}  # a MoDeST run's newest evaluated aggregate
 
     def collect() -> None:
         gone = {s.id for s in slots if s.state != "live"}
         for rows in follower.poll(gone, cfg.rounds):
-            record = aggregate(rows, started, attackers)
+            record = sampled_record(rows, follower.bytes_sent, started) if sampled else aggregate(rows, started, attackers)
+            if "accuracy_global_model" in record:
+                newest["accuracy_global_model"] = record["accuracy_global_model"]
             if "accuracy_mean" in record:
                 record.update(network_metrics(run_dir, [r["node"] for r in rows if r["node"] not in attackers],
                                               record["round"], evaluator))
@@ -210,7 +271,7 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
         if code == 0:
             slot.state = "finished"
             return
-        if follower.newest[slot.id] < 0 and slot.restarts == 0:
+        if not follower.started(slot.id) and slot.restarts == 0:
             raise LaunchError(f"node {slot.id} exited with code {code} before finishing a round; its log "
                               f"({node_dir(run_dir, slot.id) / 'node.log'}) ends with:\n{log_tail(run_dir, slot.id)}")
         events.append({"event": "died", "node": slot.id, "exit_code": code, "after_round": follower.newest[slot.id],
@@ -239,6 +300,8 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
         return writer.write_summary(status, nodes=n, dataset=experiment.dataset.name, run_dir=str(run_dir),
                                     runtime="launch", dead_nodes=dead, node_events=events,
                                     restarts=sum(s.restarts for s in slots),
+                                    **({"final_accuracy_global_model": newest.get("accuracy_global_model")}
+                                       if sampled else {}),
                                     **experiment.misbehaviour(observations(run_dir, experiment.honest)))
     finally:  # also when a node failed to start: no process outlives the launch
         bar.close()

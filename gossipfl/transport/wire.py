@@ -35,11 +35,13 @@ from .base import Message
 
 PROTOCOL_VERSION = 2  # 2: XXH3 checksums, empty layout on control kinds
 
-# Kinds that carry a full parameter vector: a gossip step's broadcast, and the two halves of a
-# pairwise (Poisson-clock) exchange.
-VECTOR_KINDS = frozenset({"model", "pair_request", "pair_reply"})
-# Kinds that carry an empty vector; whatever they say rides in `extra` (liveness, status queries).
-CONTROL_KINDS = frozenset({"ping", "pong", "status"})
+# Kinds that carry a full parameter vector: a gossip step's broadcast, the two halves of a
+# pairwise (Poisson-clock) exchange, and MoDeST's trained model (to an aggregator) and aggregate
+# (to the next sample).
+VECTOR_KINDS = frozenset({"model", "pair_request", "pair_reply", "trained", "aggregate"})
+# Kinds that carry an empty vector; whatever they say rides in `extra` (liveness, status queries,
+# MoDeST's end of the run).
+CONTROL_KINDS = frozenset({"ping", "pong", "status", "done"})
 KINDS = VECTOR_KINDS | CONTROL_KINDS
 
 DTYPE = "float32"                 # always little-endian on the wire
