@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,41 +124,51 @@ class MetricsFollower:
 
 
 class SampledFollower(MetricsFollower):
-    """The same for MoDeST, where only a round's sample and aggregators report it: round r is done
-    once an aggregate of a later round exists (its trainers started from round r's, so round r's
-    lines are written), the last round once its aggregate exists, any round once every node is
-    gone. A node has got past its start-up once the run has done a round."""
+    """The same for MoDeST, where only a round's sample and aggregators report it. Round r is done
+    once its aggregator reported it and a later round's did (whose trainers started from round
+    r's aggregate, so round r's trainers have written their lines), or LAG rounds later without
+    its own aggregator's line (that aggregator died before it could hand its aggregate on to
+    all), or every node is gone; the last round once its aggregator reported it. A node has got
+    past its start-up once the run has done a round."""
+
+    LAG = 3
 
     def __init__(self, run_dir: Path, n: int):
         super().__init__(run_dir, n)
-        self.aggregated = -1  # the newest round an aggregator reported
+        self.aggregated: set[int] = set()  # the rounds an aggregator reported
         self.bytes_sent = [0] * n  # each node's newest cumulative bytes_sent
 
     def took(self, node: int, row: dict[str, Any]) -> None:
         super().took(node, row)
         if row["role"] == "aggregated":
-            self.aggregated = max(self.aggregated, row["round"])
+            self.aggregated.add(row["round"])
         self.bytes_sent[node] = max(self.bytes_sent[node], row["bytes_sent"])
 
     def complete(self, r: int, gone: set[int], rounds: int) -> bool:
-        return self.aggregated > r or self.aggregated == r == rounds - 1 or len(gone) == len(self.rows)
+        newest = max(self.aggregated, default=-1)
+        return ((r in self.aggregated and (newest > r or r == rounds - 1)) or newest >= r + self.LAG
+                or len(gone) == len(self.rows))
 
     def started(self, node: int) -> bool:
         return self.next_round > 0 or super().started(node)
+
+
+def summed_rejected(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """The nodes' drop counts by reason, summed."""
+    rejected: Counter[str] = Counter()
+    for r in rows:
+        rejected.update(r["rejected"])
+    return dict(rejected)
 
 
 def aggregate(rows: list[dict[str, Any]], started: float, attackers: set[int] = frozenset()) -> dict[str, Any]:
     """One line of the run's metrics.jsonl from the nodes' lines of the same round; accuracy and
     loss are the honest nodes' (attackers, in an evaluation run, are left out)."""
     everyone, rows = rows, [r for r in rows if r["node"] not in attackers]
-    rejected: dict[str, int] = {}
-    for r in rows:
-        for reason, count in r["rejected"].items():
-            rejected[reason] = rejected.get(reason, 0) + count
     record = {"round": everyone[0]["round"], "nodes_reporting": len(everyone),
               "train_loss": float(np.mean([r["train_loss"] for r in rows])) if rows else None,
               "bytes_sent": sum(r["bytes_sent"] for r in everyone), "missing": sum(r["missing"] for r in rows),
-              "rejected": rejected, "flagged": sum(sum(r["flagged"].values()) for r in rows),
+              "rejected": summed_rejected(rows), "flagged": sum(sum(r["flagged"].values()) for r in rows),
               "rolled_back": sum(r["rolled_back"] for r in rows),
               "round_seconds": max(r["round_seconds"] for r in everyone),
               "train_seconds": max(r["train_seconds"] for r in everyone), "wall_seconds": time.perf_counter() - started}
@@ -175,15 +186,11 @@ def sampled_record(rows: list[dict[str, Any]], bytes_sent: list[int], started: f
     is the aggregators' evaluation of their aggregate (their mean, with several aggregators)."""
     trainers = [r for r in rows if r["role"] == "trained"]
     aggregators = [r for r in rows if r["role"] == "aggregated"]
-    rejected: dict[str, int] = {}
-    for r in rows:
-        for reason, count in r["rejected"].items():
-            rejected[reason] = rejected.get(reason, 0) + count
     record = {"round": rows[0]["round"], "nodes_reporting": len({r["node"] for r in rows}),
               "sample": sorted(r["node"] for r in trainers), "aggregators": sorted(r["node"] for r in aggregators),
               "skipped": sum(r["skipped"] for r in rows),
               "train_loss": float(np.mean([r["train_loss"] for r in trainers])) if trainers else None,
-              "bytes_sent": sum(bytes_sent), "bytes_sent_max_node": max(bytes_sent), "rejected": rejected,
+              "bytes_sent": sum(bytes_sent), "bytes_sent_max_node": max(bytes_sent), "rejected": summed_rejected(rows),
               "flagged": sum(r["flagged"] for r in aggregators), "rolled_back": sum(r["rolled_back"] for r in aggregators),
               "train_seconds": max([r["train_seconds"] for r in trainers], default=0.0),
               "wall_seconds": time.perf_counter() - started}

@@ -14,10 +14,12 @@ the aggregate with its view: they are sample r + 1. The aggregator of the last r
 `done` to everyone, which ends every node's run.
 
 Pinging is `first_responsive` in wall time: the first `count` candidates not yet given up are
-pinged every `ping_interval_s`; one silent for `ping_timeout_s` (and, while peers may still be
-starting, for deploy.startup_s from this node's start) is skipped and the next in order takes its
-place. A pong carries the answerer's stage (2r: holds round r's starting model, 2r + 1: trained
-round r and sent it, 2r + 2: aggregated round r and sent it), so whoever hands something over
+pinged every `ping_interval_s`; one silent for `ping_timeout_s` is skipped and the next in order
+takes its place (a peer that never answered yet may still be starting: it is not given up before
+deploy.startup_s from this node's start). Pings are answered between training rounds, so
+ping_timeout_s must exceed a round of local training. A pong carries the answerer's stage (2r:
+holds round r's starting model, 2r + 1: trained round r and sent it, 2r + 2: aggregated round r
+and sent it), so whoever hands something over
 keeps pinging the peers it gave it to until one of them got past it: a trainer until an
 aggregator of its round aggregated, an aggregator until a member of the next sample trained. A
 peer that dies holding the round is thus replaced by the next in order and the run goes on; it
@@ -119,6 +121,8 @@ class ModestLoop:
         self.finished = False
         if not process.resumed and self.id in self.ordered(0)[:self.s]:  # everyone is up at the start
             self.take(0, self.node.vector.clone())
+        log.info("node %d runs MoDeST with %d peers%s", self.id, len(self.members) - 1,
+                 ", in the first sample" if self.hold else "")
 
     # -- the loop
 
@@ -137,12 +141,17 @@ class ModestLoop:
             if now - self.heard_at > silence:
                 log.warning("node %d heard nothing for %.0f s: it ends its run", self.id, silence)
                 break
+            self.process.completed = self.completed()
             self.process.stopping.wait(POLL_S)
-        return self.stage // 2 - 1 if not self.finished else self.rounds - 1
+        return self.completed()
+
+    def completed(self) -> int:
+        """The newest round this node knows ended (-1: none)."""
+        return self.rounds - 1 if self.finished else max(-1, self.stage // 2 - 1)
 
     def ordered(self, r: int) -> list[int]:
-        """order(r) of this node's candidates (ids outside the deployment are nobody's candidates)."""
-        return order([q for q in self.view.candidates(r, self.sampling.inactivity_rounds) if q in self.members], r)
+        """order(r) of this node's candidates."""
+        return order(self.view.candidates(r, self.sampling.inactivity_rounds), r)
 
     def take_in(self) -> None:
         """Everything that arrived: answer pings, note pongs, buffer models, take aggregates."""
@@ -170,11 +179,16 @@ class ModestLoop:
             self.finished = True
 
     def merge_view(self, message: Message) -> bool:
+        """Merge the view a model came with; a malformed one, or one naming nodes outside the
+        deployment (which would grow this node's view without bound), drops the model."""
         try:
-            self.view.merge(View.from_extra(message.extra))
+            view = View.from_extra(message.extra)
         except ValueError:
+            view = None
+        if view is None or not view.records.keys() | view.last_active.keys() <= self.members:
             self.transport.rejected["bad_view"] += 1
             return False
+        self.view.merge(view)
         return True
 
     # -- the roles
@@ -224,7 +238,6 @@ class ModestLoop:
         evaluate = (r + 1) % self.cfg.eval.every == 0 or r == self.rounds - 1
         scores = self.process.evaluate() if evaluate else {}
         self.process.accuracy = scores.get("accuracy", self.process.accuracy)
-        self.process.completed = max(self.process.completed, r)
         fields = dict(sample=senders, **scores, flagged=sum(self.node.counters.flagged.values()),
                       rolled_back=self.node.counters.rolled_back)
         if r == self.rounds - 1:
@@ -262,7 +275,7 @@ class ModestLoop:
             if asked is not None and self.pong_at.get(q, -math.inf) >= asked:
                 del h.asked[q]
                 h.give(q)
-            elif asked is not None and now - asked > timeout and now > self.startup_until:
+            elif asked is not None and now - asked > timeout and (q in self.pong_at or now > self.startup_until):
                 h.given_up.add(q)
                 continue
             if now - h.pinged.get(q, -math.inf) >= interval:
