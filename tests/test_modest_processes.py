@@ -62,9 +62,9 @@ def test_a_launched_modest_run_completes_every_round_close_to_the_simulation(sma
 
 
 def test_killed_trainers_and_aggregators_are_skipped_and_the_run_completes(small_config, tmp_path):
-    run_dir, n, rounds = tmp_path / "run", 6, 24
+    run_dir, n, rounds = tmp_path / "run", 6, 18
     # A short start-up grace: the survivors may never have heard from the victims before.
-    cfg = modest(small_config, topology__nodes=n, rounds=rounds, train__local_steps=10, deploy__startup_s=5.0,
+    cfg = modest(small_config, topology__nodes=n, rounds=rounds, deploy__startup_s=5.0,
                  sampling__ping_timeout_s=0.5, sampling__ping_interval_s=0.1)
     result = {}
     thread = threading.Thread(target=lambda: result.update(launch(cfg, run_dir, progress=False)), daemon=True)
@@ -90,7 +90,7 @@ def test_killed_trainers_and_aggregators_are_skipped_and_the_run_completes(small
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == list(range(rounds)) and result["rounds"] == rounds
     assert sum(r["skipped"] for r in rows if r["round"] > last_seen) > 0  # the survivors pinged the dead in vain
-    assert result["final_accuracy_global_model"] > 0.6
+    assert result["final_accuracy_global_model"] > 0.5  # it learned (chance: 0.1) with a third of the nodes gone
     for i in set(range(n)) - set(victims):
         summary = json.loads((node_dir(run_dir, i) / "summary.json").read_text())
         assert summary["rounds_completed"] == rounds and not summary["stopped_early"]
