@@ -387,6 +387,13 @@ class ExperimentConfig:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate()
+        kind = self.sampling.kind
+        if kind != "none" and self.gossip.schedule == "async":
+            raise ConfigError(f"sampling.kind = {kind!r} decides who trains each round; it does not combine with "
+                              "gossip.schedule = 'async'")
+        if kind != "none" and (self.byzantine.nodes or self.byzantine.fraction):
+            raise ConfigError(f"byzantine attackers do not run with sampling.kind = {kind!r} yet: their filters run "
+                              "at the aggregators (robust.filters), attacks only under gossip")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -83,17 +83,9 @@ def check_supported(cfg: ExperimentConfig) -> None:
     if s.kind == "fedavg":
         raise ConfigError("sampling.kind = 'fedavg' needs a server and runs in `gossipfl simulate` only; "
                           "node processes (launch, node) run 'modest' or 'none'")
-    if s.kind == "none":
-        return
-    if s.crash_at >= 0 or s.leave_at >= 0 or s.join_at >= 0:
+    if s.kind == "modest" and (s.crash_at >= 0 or s.leave_at >= 0 or s.join_at >= 0):
         raise ConfigError("sampling.crash_at, leave_at and join_at schedule churn in `gossipfl simulate` only; "
                           "in node processes a crash is a real kill: leave them at -1")
-    if cfg.gossip.schedule == "async":
-        raise ConfigError("sampling.kind = 'modest' decides who trains each round; it does not combine with "
-                          "gossip.schedule = 'async'")
-    if cfg.byzantine.nodes or cfg.byzantine.fraction:
-        raise ConfigError("byzantine attackers do not run with sampling.kind = 'modest' yet: their filters run "
-                          "at the aggregators (robust.filters), attacks only under gossip")
 
 
 def backed_round(claims: Mapping[int, int], current: int, rounds: int) -> int:
