@@ -113,6 +113,8 @@ def run_text(summary: dict[str, Any], run_dir: Any) -> str:
                      f"{summary['final_accuracy_min']:.4f} weakest node"
                      + (f", {summary['final_accuracy_average_model']:.4f} average model"
                         if summary.get("final_accuracy_average_model") is not None else ""))
+    if summary.get("final_accuracy_global_model") is not None:  # a launched MoDeST run
+        lines.append(f"final accuracy: {summary['final_accuracy_global_model']:.4f} newest aggregate")
     if summary.get("final_consensus_distance") is not None:
         lines.append(f"consensus distance: {summary['final_consensus_distance']:.4g}")
     if summary.get("wall_seconds") is not None:
