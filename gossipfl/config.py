@@ -258,6 +258,7 @@ class SamplingConfig:
     inactivity_rounds: int = 50  # a peer silent this long leaves the candidates
     ping_timeout_s: float = 5.0  # node processes: give up on a candidate that does not answer
     ping_interval_s: float = 1.0  # node processes: ping again this often until then
+    silence_s: float = 600.0     # node processes: a node that hears nothing this long ends its run
     crash_at: int = -1           # churn: from this round on, crash_nodes stop answering (-1 = never)
     crash_nodes: list[int] = field(default_factory=list)
     crash_fraction: float = 0.0  # or this share of the nodes, placed from the seed
@@ -276,6 +277,7 @@ class SamplingConfig:
         _positive("sampling.inactivity_rounds", self.inactivity_rounds)
         _positive("sampling.ping_timeout_s", self.ping_timeout_s)
         _positive("sampling.ping_interval_s", self.ping_interval_s)
+        _positive("sampling.silence_s", self.silence_s)
         _in_range("sampling.crash_fraction", self.crash_fraction, 0.0, 1.0)
         if self.crash_nodes and self.crash_fraction:
             raise ConfigError("sampling.crash_nodes and sampling.crash_fraction both choose who crashes: give one")
@@ -393,6 +395,13 @@ class ExperimentConfig:
         if self.deploy.final_merge and self.byzantine.attack:
             raise ConfigError("deploy.final_merge averages every live model exactly, with no defence against "
                               "byzantine.attack: turn one of them off")
+        kind = self.sampling.kind
+        if kind != "none" and self.gossip.schedule == "async":
+            raise ConfigError(f"sampling.kind = {kind!r} decides who trains each round; it does not combine with "
+                              "gossip.schedule = 'async'")
+        if kind != "none" and (self.byzantine.nodes or self.byzantine.fraction):
+            raise ConfigError(f"byzantine attackers do not run with sampling.kind = {kind!r} yet: their filters run "
+                              "at the aggregators (robust.filters), attacks only under gossip")
         return self
 
     def to_dict(self) -> dict[str, Any]:

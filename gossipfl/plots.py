@@ -183,6 +183,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         draw(ax, [curve], "accuracy", axis)
         divisor = _x_scale([curve], axis)[0]
         for key, style, label in (("accuracy_average_model", "o--", "average model"),
+                                  ("accuracy_global_model", "s-", "newest aggregate (sampled runs)"),
                                   ("accuracy_local_mean", ":", "node mean on local test slices")):
             pts = curve.points(key, X_AXES[axis])
             if pts:

@@ -131,8 +131,10 @@ def bad_inputs(tmp_path):
                                           '"127.0.0.1:7103", "127.0.0.1:7104"]\n')
     (tmp_path / "foreign.toml").write_text(deploy + 'startup_s = 1.0\naddresses = ["192.0.2.1:7101", '
                                            '"127.0.0.1:7102", "127.0.0.1:7103", "127.0.0.1:7104"]\n')
-    (tmp_path / "modest.toml").write_text((tmp_path / "deploy.toml").read_text().replace(
-        "[deploy]", '[sampling]\nkind = "modest"\n[deploy]'))
+    (tmp_path / "fedavg.toml").write_text((tmp_path / "deploy.toml").read_text().replace(
+        "[deploy]", '[sampling]\nkind = "fedavg"\n[deploy]'))
+    (tmp_path / "churn.toml").write_text((tmp_path / "deploy.toml").read_text().replace(
+        "[deploy]", '[sampling]\nkind = "modest"\ncrash_at = 2\ncrash_nodes = [1]\n[deploy]'))
     (tmp_path / "sweep.toml").write_text('rounds = 1\n[sweep]\nseeds = 2\n')
     (tmp_path / "node1.toml").write_text(deploy + 'id = 1\naddresses = ["127.0.0.1:7101", "127.0.0.1:7102", '
                                          '"127.0.0.1:7103", "127.0.0.1:7104"]\n')
@@ -173,10 +175,10 @@ def bad_inputs(tmp_path):
         ("deploy", "init", "--graph", ring8, "--hosts", str(tmp_path / "hosts-bad.txt"), "--out",
          str(tmp_path / "d2")): "hosts-bad.txt:2: one host a line",
         ("deploy", "init", "--graph", ring8, "--hosts", str(tmp_path / "hosts8.txt")): "--out",
-        ("node", "--config", str(tmp_path / "modest.toml"), "--id", "0"):
-            "sampling.kind = 'modest'",
-        ("launch", *SMALL, "--set", "sampling.kind='modest'", "--out", str(tmp_path / "modest-launch")):
-            "sampling.kind = 'modest'",
+        ("node", "--config", str(tmp_path / "fedavg.toml"), "--id", "0"): "sampling.kind = 'fedavg' needs a server",
+        ("node", "--config", str(tmp_path / "churn.toml"), "--id", "0"): "sampling.crash_at",
+        ("launch", *SMALL, "--set", "sampling.kind='fedavg'", "--out", str(tmp_path / "fedavg-launch")):
+            "sampling.kind = 'fedavg' needs a server",
         ("topology", ring8, "--weights", "fmmx"): "--weights",
         ("topology", ring8, "--compare", "metropolis,fmmx"): "--compare",
         ("topology", ring8, "--plot", str(tmp_path / "g.xyz")): "--plot",
@@ -201,7 +203,7 @@ def test_bad_input_in_a_subprocess_exits_2_with_one_line_naming_it_and_no_traceb
         assert len(err.strip().splitlines()) == 1, (argv, err)
     assert (tmp_path / "keys" / "node-0.secret").read_text() == "precious\n"
     assert not (tmp_path / "sw").exists() and not (tmp_path / "W.json").exists()
-    assert not (tmp_path / "modest-launch").exists()
+    assert not (tmp_path / "fedavg-launch").exists()
 
 
 def test_bad_data_and_weights_exit_2_with_one_line_naming_the_field(bad_inputs, capsys, monkeypatch):

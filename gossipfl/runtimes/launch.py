@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ class MetricsFollower:
     def __init__(self, run_dir: Path, n: int):
         self.paths = [node_dir(run_dir, i) / "metrics.jsonl" for i in range(n)]
         self.offsets = [0] * n
-        self.rows: list[dict[int, dict[str, Any]]] = [{} for _ in range(n)]
+        self.rows: list[dict[int, dict[Any, dict[str, Any]]]] = [{} for _ in range(n)]  # round -> role -> line
         self.newest = [-1] * n  # newest round each node reported
         self.next_round = 0
 
@@ -101,30 +102,73 @@ class MetricsFollower:
                     self.offsets[i] += len(line)
                     row = json.loads(line)
                     if row["round"] >= self.next_round:  # a resumed node may repeat rounds already gathered
-                        self.rows[i][row["round"]] = row
-                        self.newest[i] = max(self.newest[i], row["round"])
+                        self.rows[i].setdefault(row["round"], {})[row.get("role")] = row
+                        self.took(i, row)
         done = []
-        while self.next_round < rounds and all(self.newest[i] >= self.next_round or i in gone
-                                               for i in range(len(self.rows))):
-            present = [rows.pop(self.next_round) for rows in self.rows if self.next_round in rows]
+        while self.next_round < rounds and self.complete(self.next_round, gone, rounds):
+            present = [row for rows in self.rows for row in rows.pop(self.next_round, {}).values()]
             if present:
                 done.append(present)
             self.next_round += 1
         return done
+
+    def took(self, node: int, row: dict[str, Any]) -> None:
+        self.newest[node] = max(self.newest[node], row["round"])
+
+    def complete(self, r: int, gone: set[int], rounds: int) -> bool:
+        return all(self.newest[i] >= r or i in gone for i in range(len(self.rows)))
+
+    def started(self, node: int) -> bool:
+        """Whether `node` got past its start-up (so that its death is a fault, not a start-up problem)."""
+        return self.newest[node] >= 0
+
+
+class SampledFollower(MetricsFollower):
+    """The same for MoDeST, where only a round's sample and aggregators report it. Round r is done
+    once its aggregator reported it and a later round's did (whose trainers started from round
+    r's aggregate, so round r's trainers have written their lines), or LAG rounds later without
+    its own aggregator's line (that aggregator died before it could hand its aggregate on to
+    all), or every node is gone; the last round once its aggregator reported it. A node has got
+    past its start-up once the run has done a round."""
+
+    LAG = 3
+
+    def __init__(self, run_dir: Path, n: int):
+        super().__init__(run_dir, n)
+        self.aggregated: set[int] = set()  # the rounds an aggregator reported
+        self.bytes_sent = [0] * n  # each node's newest cumulative bytes_sent
+
+    def took(self, node: int, row: dict[str, Any]) -> None:
+        super().took(node, row)
+        if row["role"] == "aggregated":
+            self.aggregated.add(row["round"])
+        self.bytes_sent[node] = max(self.bytes_sent[node], row["bytes_sent"])
+
+    def complete(self, r: int, gone: set[int], rounds: int) -> bool:
+        newest = max(self.aggregated, default=-1)
+        return ((r in self.aggregated and (newest > r or r == rounds - 1)) or newest >= r + self.LAG
+                or len(gone) == len(self.rows))
+
+    def started(self, node: int) -> bool:
+        return self.next_round > 0 or super().started(node)
+
+
+def summed_rejected(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """The nodes' drop counts by reason, summed."""
+    rejected: Counter[str] = Counter()
+    for r in rows:
+        rejected.update(r["rejected"])
+    return dict(rejected)
 
 
 def aggregate(rows: list[dict[str, Any]], started: float, attackers: set[int] = frozenset()) -> dict[str, Any]:
     """One line of the run's metrics.jsonl from the nodes' lines of the same round; accuracy and
     loss are the honest nodes' (attackers, in an evaluation run, are left out)."""
     everyone, rows = rows, [r for r in rows if r["node"] not in attackers]
-    rejected: dict[str, int] = {}
-    for r in rows:
-        for reason, count in r["rejected"].items():
-            rejected[reason] = rejected.get(reason, 0) + count
     record = {"round": everyone[0]["round"], "nodes_reporting": len(everyone),
               "train_loss": float(np.mean([r["train_loss"] for r in rows])) if rows else None,
               "bytes_sent": sum(r["bytes_sent"] for r in everyone), "missing": sum(r["missing"] for r in rows),
-              "rejected": rejected, "flagged": sum(sum(r["flagged"].values()) for r in rows),
+              "rejected": summed_rejected(rows), "flagged": sum(sum(r["flagged"].values()) for r in rows),
               "rolled_back": sum(r["rolled_back"] for r in rows),
               "round_seconds": max(r["round_seconds"] for r in everyone),
               "train_seconds": max(r["train_seconds"] for r in everyone), "wall_seconds": time.perf_counter() - started}
@@ -133,6 +177,26 @@ def aggregate(rows: list[dict[str, Any]], started: float, attackers: set[int] = 
         record.update(accuracy_mean=float(np.mean(acc)), accuracy_min=float(np.min(acc)),
                       accuracy_max=float(np.max(acc)),
                       accuracy_local_mean=float(np.nanmean([r["accuracy_local"] for r in rows])))
+    return record
+
+
+def sampled_record(rows: list[dict[str, Any]], bytes_sent: list[int], started: float) -> dict[str, Any]:
+    """One line of a MoDeST run's metrics.jsonl from the lines of its sample (role "trained") and
+    aggregators ("aggregated"); `bytes_sent` is every node's newest total. accuracy_global_model
+    is the aggregators' evaluation of their aggregate (their mean, with several aggregators)."""
+    trainers = [r for r in rows if r["role"] == "trained"]
+    aggregators = [r for r in rows if r["role"] == "aggregated"]
+    record = {"round": rows[0]["round"], "nodes_reporting": len({r["node"] for r in rows}),
+              "sample": sorted(r["node"] for r in trainers), "aggregators": sorted(r["node"] for r in aggregators),
+              "skipped": sum(r["skipped"] for r in rows),
+              "train_loss": float(np.mean([r["train_loss"] for r in trainers])) if trainers else None,
+              "bytes_sent": sum(bytes_sent), "bytes_sent_max_node": max(bytes_sent), "rejected": summed_rejected(rows),
+              "flagged": sum(r["flagged"] for r in aggregators), "rolled_back": sum(r["rolled_back"] for r in aggregators),
+              "train_seconds": max([r["train_seconds"] for r in trainers], default=0.0),
+              "wall_seconds": time.perf_counter() - started}
+    evaluated = [r["accuracy"] for r in aggregators if "accuracy" in r]
+    if evaluated:
+        record["accuracy_global_model"] = float(np.mean(evaluated))
     return record
 
 
@@ -199,16 +263,20 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
     config_path = run_dir / "config.toml"
     started = time.perf_counter()
     slots = [NodeSlot(i, start_node(config_path, run_dir, i)) for i in range(n)]
-    follower = MetricsFollower(run_dir, n)
+    sampled = cfg.sampling.kind == "modest"
+    follower = (SampledFollower if sampled else MetricsFollower)(run_dir, n)
     bar = tqdm(total=cfg.rounds, desc=f"{cfg.name} ({n} processes)", unit="round", disable=not progress)
     evaluator = experiment.evaluator()
     attackers = set(experiment.attackers)
     events: list[dict[str, Any]] = []
+    newest: dict[str, float] = {}  # a MoDeST run's newest evaluated aggregate
 
     def collect() -> None:
         gone = {s.id for s in slots if s.state != "live"}
         for rows in follower.poll(gone, cfg.rounds):
-            record = aggregate(rows, started, attackers)
+            record = sampled_record(rows, follower.bytes_sent, started) if sampled else aggregate(rows, started, attackers)
+            if "accuracy_global_model" in record:
+                newest["accuracy_global_model"] = record["accuracy_global_model"]
             if "accuracy_mean" in record:
                 record.update(network_metrics(run_dir, [r["node"] for r in rows if r["node"] not in attackers],
                                               record["round"], evaluator))
@@ -222,7 +290,7 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
         if code == 0:
             slot.state = "finished"
             return
-        if follower.newest[slot.id] < 0 and slot.restarts == 0:
+        if not follower.started(slot.id) and slot.restarts == 0:
             raise LaunchError(f"node {slot.id} exited with code {code} before finishing a round; its log "
                               f"({node_dir(run_dir, slot.id) / 'node.log'}) ends with:\n{log_tail(run_dir, slot.id)}")
         events.append({"event": "died", "node": slot.id, "exit_code": code, "after_round": follower.newest[slot.id],
@@ -252,6 +320,8 @@ def launch(cfg: ExperimentConfig, run_dir: str | Path | None = None, progress: b
         return writer.write_summary(status, nodes=n, dataset=experiment.dataset.name, run_dir=str(run_dir),
                                     runtime="launch", dead_nodes=dead, node_events=events,
                                     restarts=sum(s.restarts for s in slots), **merged,
+                                    **({"final_accuracy_global_model": newest.get("accuracy_global_model")}
+                                       if sampled else {}),
                                     **experiment.misbehaviour(observations(run_dir, experiment.honest)))
     finally:  # also when a node failed to start: no process outlives the launch
         bar.close()

@@ -15,10 +15,8 @@ import threading
 import time
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
-import numpy as np
-import torch
 import zmq
 
 from .. import checkpoint
@@ -34,6 +32,7 @@ from ..transport.zmq import ZmqTransport
 from .attacker import AttackerView
 from .final_merge import KINDS as FINAL_MERGE_KINDS, final_merge
 from .node import MODEL, PAIR_REPLY, PAIR_REQUEST, Node
+from .sampled_process import KINDS as MODEST_KINDS, ModestLoop
 
 log = logging.getLogger("gossipfl.node")
 
@@ -56,10 +55,13 @@ def make_transport(cfg: ExperimentConfig, experiment: Experiment, node_id: int, 
     d = cfg.deploy
     if len(d.addresses) != experiment.n:
         raise ConfigError(f"deploy.addresses lists {len(d.addresses)} addresses for {experiment.n} nodes")
-    peers = {int(j): tcp(d.addresses[j]) for j in experiment.graph.neighbors(node_id)}
+    modest = cfg.sampling.kind == "modest"  # a complete overlay: any node may be sampled or aggregate
+    peers = {int(j): tcp(d.addresses[j]) for j in (set(range(experiment.n)) - {node_id} if modest
+                                                   else experiment.graph.neighbors(node_id))}
     max_bytes = int(d.max_message_mb * 1e6) if d.max_message_mb else size * 4 + (1 << 20)
     curve = load_keys(d.keys, node_id) if d.keys else None
-    kinds = {MODEL} if cfg.gossip.schedule in ("sync", "async") else {PAIR_REQUEST, PAIR_REPLY}
+    kinds = (MODEST_KINDS if modest else {MODEL} if cfg.gossip.schedule in ("sync", "async")
+             else {PAIR_REQUEST, PAIR_REPLY})
     kinds |= FINAL_MERGE_KINDS if d.final_merge else set()
     limits = Limits(rounds_ahead=d.rounds_ahead, buffer_ttl_s=d.buffer_ttl_s,
                     max_connections=d.max_connections or None,
@@ -69,7 +71,7 @@ def make_transport(cfg: ExperimentConfig, experiment: Experiment, node_id: int, 
     try:
         return ZmqTransport(node_id, tcp(d.addresses[node_id]), peers, layout, size, deadline_s=d.deadline_s,
                             max_message_bytes=max_bytes, curve=curve, kinds=kinds, limits=limits,
-                            detection=detection, asynchronous=cfg.gossip.schedule == "async")
+                            detection=detection, asynchronous=modest or cfg.gossip.schedule == "async")
     except zmq.ZMQError as exc:  # connect never fails up front: this is the bind of our own address
         raise ConfigError(f"deploy.addresses[{node_id}] = {d.addresses[node_id]!r}: "
                           f"cannot listen there ({exc})") from None
@@ -90,10 +92,14 @@ def peak_rss_mb() -> float:
 
 
 def check_supported(cfg: ExperimentConfig) -> None:
-    """What node processes do not run yet is refused before anything starts, not run as something else."""
-    if cfg.sampling.kind != "none":
-        raise ConfigError(f"sampling.kind = {cfg.sampling.kind!r} runs in `gossipfl simulate` only so far; "
-                          "node processes (launch, node) gossip with every node every round: use sampling.kind = 'none'")
+    """What node processes do not run is refused before anything starts, not run as something else."""
+    s = cfg.sampling
+    if s.kind == "fedavg":
+        raise ConfigError("sampling.kind = 'fedavg' needs a server and runs in `gossipfl simulate` only; "
+                          "node processes (launch, node) run 'modest' or 'none'")
+    if s.kind == "modest" and (s.crash_at >= 0 or s.leave_at >= 0 or s.join_at >= 0):
+        raise ConfigError("sampling.crash_at, leave_at and join_at schedule churn in `gossipfl simulate` only; "
+                          "in node processes a crash is a real kill: leave them at -1")
 
 
 def backed_round(claims: Mapping[int, int], current: int, rounds: int) -> int:
@@ -192,48 +198,11 @@ class NodeProcess:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         started = time.perf_counter()
-        completed = self.start_round - 1
-        if self.resumed and self.lock_step:
-            self.hear_from_neighbours()
         with (self.dir / "metrics.jsonl").open("a") as metrics:
-            r = self.start_round
-            slowdown = cfg.timing.slow_factor - 1 if self.id in self.experiment.slow_nodes else 0.0
-            while r < cfg.rounds and not self.stopping.is_set():
-                ahead = backed_round(self.transport.claimed_rounds(), r, cfg.rounds) if self.lock_step else r
-                if ahead > r:  # neighbours moved on while this node was down: rejoin at their round
-                    log.info("node %d skips rounds %d..%d to rejoin", self.id, r, ahead - 1)
-                    r = ahead
-                self.round = r
-                round_start = time.perf_counter()
-                loss = self.node.train(r)
-                train_seconds = time.perf_counter() - round_start
-                if slowdown:  # timing.slow: this node emulates a slower host
-                    self.stopping.wait(slowdown * train_seconds)
-                if not self.gossip(r):
-                    break
-                stats = self.node.stats(r, loss)
-                evaluate = (r + 1) % cfg.eval.every == 0 or r == cfg.rounds - 1
-                record = {"node": self.id, "round": r, "train_loss": loss, **(self.evaluate() if evaluate else {}),
-                          "bytes_sent": self.transport.bytes_sent, "received": stats.received,
-                          "missing": stats.missing, "rejected": dict(self.transport.rejected),
-                          **self.node.counters.as_dict(), "io_errors": self.io_errors,
-                          "liveness": as_document(self.transport.liveness()),
-                          "round_seconds": time.perf_counter() - round_start, "train_seconds": train_seconds,
-                          "wall_seconds": time.perf_counter() - started}
-                if evaluate:  # before the metrics line: the launcher reads the line, then the vector
-                    self.best_effort(f"the vector of round {r}", lambda: save_array(
-                        evaluated_vector(self.dir, r), self.node.vector.numpy()))
-                self.best_effort(f"the metrics line of round {r}", lambda: (metrics.write(json.dumps(record) + "\n"),
-                                                                            metrics.flush()))
-                log.info("round %d done: loss %.4f, %d received, %d missing%s", r, loss, stats.received, stats.missing,
-                         f", accuracy {record['accuracy']:.4f}" if "accuracy" in record else "")
-                completed = self.completed = r
-                self.accuracy = record.get("accuracy", self.accuracy)
-                every = cfg.deploy.checkpoint_every
-                if every and ((r + 1) % every == 0 or r == cfg.rounds - 1):
-                    self.best_effort(f"the checkpoint of round {r}",
-                                     lambda: checkpoint.save(self.dir, r, self.node.vector, self.layout))
-                r += 1
+            if cfg.sampling.kind == "modest":
+                completed = ModestLoop(self, metrics, started).run()
+            else:
+                completed = self.gossip_rounds(metrics, started)
         self.best_effort("final.npy", lambda: save_array(self.dir / "final.npy", self.node.vector.numpy()), attempts=5)
         merged = self.final_merge() if cfg.deploy.final_merge and completed == cfg.rounds - 1 else {}
         summary = {"node": self.id, "rounds_completed": completed + 1, "stopped_early": completed < cfg.rounds - 1,
@@ -244,6 +213,52 @@ class NodeProcess:
         self.best_effort("summary.json", lambda: (self.dir / "summary.json").write_text(json.dumps(summary, indent=2)
                                                                                         + "\n"), attempts=5)
         return summary
+
+    def gossip_rounds(self, metrics: IO[str], started: float) -> int:
+        """The rounds of decentralized gossip; returns the last round completed."""
+        cfg = self.cfg
+        completed = self.start_round - 1
+        if self.resumed and self.lock_step:
+            self.hear_from_neighbours()
+        r = self.start_round
+        slowdown = cfg.timing.slow_factor - 1 if self.id in self.experiment.slow_nodes else 0.0
+        while r < cfg.rounds and not self.stopping.is_set():
+            ahead = backed_round(self.transport.claimed_rounds(), r, cfg.rounds) if self.lock_step else r
+            if ahead > r:  # neighbours moved on while this node was down: rejoin at their round
+                log.info("node %d skips rounds %d..%d to rejoin", self.id, r, ahead - 1)
+                r = ahead
+            self.round = r
+            round_start = time.perf_counter()
+            loss = self.node.train(r)
+            train_seconds = time.perf_counter() - round_start
+            if slowdown:  # timing.slow: this node emulates a slower host
+                self.stopping.wait(slowdown * train_seconds)
+            if not self.gossip(r):
+                break
+            stats = self.node.stats(r, loss)
+            evaluate = (r + 1) % cfg.eval.every == 0 or r == cfg.rounds - 1
+            record = {"node": self.id, "round": r, "train_loss": loss, **(self.evaluate() if evaluate else {}),
+                      "bytes_sent": self.transport.bytes_sent, "received": stats.received,
+                      "missing": stats.missing, "rejected": dict(self.transport.rejected),
+                      **self.node.counters.as_dict(), "io_errors": self.io_errors,
+                      "liveness": as_document(self.transport.liveness()),
+                      "round_seconds": time.perf_counter() - round_start, "train_seconds": train_seconds,
+                      "wall_seconds": time.perf_counter() - started}
+            if evaluate:  # before the metrics line: the launcher reads the line, then the vector
+                self.best_effort(f"the vector of round {r}", lambda: save_array(
+                    evaluated_vector(self.dir, r), self.node.vector.numpy()))
+            self.best_effort(f"the metrics line of round {r}", lambda: (metrics.write(json.dumps(record) + "\n"),
+                                                                        metrics.flush()))
+            log.info("round %d done: loss %.4f, %d received, %d missing%s", r, loss, stats.received, stats.missing,
+                     f", accuracy {record['accuracy']:.4f}" if "accuracy" in record else "")
+            completed = self.completed = r
+            self.accuracy = record.get("accuracy", self.accuracy)
+            every = cfg.deploy.checkpoint_every
+            if every and ((r + 1) % every == 0 or r == cfg.rounds - 1):
+                self.best_effort(f"the checkpoint of round {r}",
+                                 lambda: checkpoint.save(self.dir, r, self.node.vector, self.layout))
+            r += 1
+        return completed
 
     def final_merge(self) -> dict[str, Any]:
         """deploy.final_merge: the exact average of the live nodes' final models (runtimes/final_merge),

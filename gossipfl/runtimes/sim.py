@@ -155,12 +155,6 @@ def choose_engine(cfg: ExperimentConfig) -> tuple[str, torch.device]:
     its own moments, which no batch of all nodes shares)."""
     device = resolve_device(cfg.device)
     asynchronous = cfg.gossip.schedule == "async"
-    if asynchronous and cfg.sampling.kind != "none":
-        raise ConfigError("sampling.kind = {!r} decides who trains each round; it does not combine with "
-                          "gossip.schedule = 'async'".format(cfg.sampling.kind))
-    if cfg.sampling.kind != "none" and (cfg.byzantine.nodes or cfg.byzantine.fraction):
-        raise ConfigError("byzantine attackers are not simulated with sampling.kind = {!r} yet: their filters run "
-                          "at the aggregators (robust.filters), attacks only under gossip".format(cfg.sampling.kind))
     if asynchronous and cfg.engine == "vectorized":
         raise ConfigError("gossip.schedule = 'async' needs engine = 'nodes' (or 'auto'): the vectorized engine "
                           "steps all nodes at once, and asynchronous nodes act at their own moments")

@@ -35,11 +35,13 @@ from .base import Message
 
 PROTOCOL_VERSION = 2  # 2: XXH3 checksums, empty layout on control kinds
 
-# Kinds that carry a full parameter vector: a gossip step's broadcast, and the two halves of a
-# pairwise (Poisson-clock) exchange.
-VECTOR_KINDS = frozenset({"model", "pair_request", "pair_reply", "merge_up", "merge_down"})  # merge_*: final merge
-# Kinds that carry an empty vector; whatever they say rides in `extra` (liveness, status queries).
-CONTROL_KINDS = frozenset({"ping", "pong", "status", "merge_live"})
+# Kinds that carry a full parameter vector: a gossip step's broadcast, the two halves of a
+# pairwise (Poisson-clock) exchange, MoDeST's trained model (to an aggregator) and aggregate (to
+# the next sample), and the final merge's convergecast and broadcast.
+VECTOR_KINDS = frozenset({"model", "pair_request", "pair_reply", "trained", "aggregate", "merge_up", "merge_down"})
+# Kinds that carry an empty vector; whatever they say rides in `extra` (liveness, status queries,
+# MoDeST's end of the run, the final merge's set of live nodes).
+CONTROL_KINDS = frozenset({"ping", "pong", "status", "done", "merge_live"})
 KINDS = VECTOR_KINDS | CONTROL_KINDS
 
 DTYPE = "float32"                 # always little-endian on the wire
