@@ -116,7 +116,7 @@ def run_text(summary: dict[str, Any], run_dir: Any) -> str:
     if summary.get("final_merge_accuracy") is not None:
         lines.append(f"final merge: {summary['final_merge_accuracy']:.4f}, the exact average of "
                      f"{summary['final_merge_nodes']} of {summary['nodes']} nodes' models")
-    if summary.get("final_accuracy_global_model") is not None:  # a launched MoDeST run
+    if summary.get("final_accuracy_global_model") is not None:  # a sampled run (MoDeST, FedAvg)
         lines.append(f"final accuracy: {summary['final_accuracy_global_model']:.4f} newest aggregate")
     if summary.get("final_consensus_distance") is not None:
         lines.append(f"consensus distance: {summary['final_consensus_distance']:.4g}")

@@ -159,6 +159,7 @@ class RunWriter:
             "final_accuracy_min": self.last.get("accuracy_min"),
             "final_accuracy_max": self.last.get("accuracy_max"),
             "final_accuracy_average_model": self.last.get("accuracy_average_model"),
+            "final_accuracy_global_model": self.last.get("accuracy_global_model"),  # a sampled run's newest aggregate
             "final_consensus_distance": self.last.get("consensus_distance"),
             "rounds": self.last.get("round", -1) + 1,
             "bytes_sent_total": self.last.get("bytes_sent"),
