@@ -23,7 +23,7 @@ from typing import Callable
 import networkx as nx
 import numpy as np
 
-from gossipfl.graph import first_order, mixing, sdp, topology, weights
+from gossipfl.graph import first_order, mixing, sdp, topology
 
 FAMILIES = ("ring", "torus", "random_geometric", "erdos_renyi")
 SDP_SIZES = (16, 32, 64, 128, 256)
