@@ -105,6 +105,7 @@ class ConnectionWatcher:
         self._by_fd: dict[int, Connection] = {}
         self._by_address: dict[str, set[Connection]] = {}
         self._counts: Counter[str] = Counter()
+        self.changes = 0  # counts so far, so that a reader can tell whether `counts()` changed
         self._lock = threading.Lock()  # guards _counts against a copy while the watcher counts
         self._handshake_failures = 0
         self.drained_at = math.inf  # when the transport last found nothing queued; inf: it finds nothing now
@@ -298,6 +299,7 @@ class ConnectionWatcher:
     def _count(self, reason: str) -> None:
         with self._lock:
             self._counts[reason] += 1
+            self.changes += 1
 
 
 def _tcp_info(sock: socket.socket) -> bytes | None:

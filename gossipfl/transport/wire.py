@@ -57,6 +57,7 @@ _FIELDS: dict[str, type] = {
     "version": int, "kind": str, "sender": int, "round": int, "step": int,
     "layout": str, "dtype": str, "count": int, "checksum": int,
 }
+_REQUIRED_KEYS, _ALLOWED_KEYS = frozenset(_FIELDS), frozenset(_FIELDS) | {"extra"}
 _UNPACK_LIMITS = dict(
     raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
     max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES, max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS,
@@ -90,9 +91,14 @@ def excerpt(value: Any) -> str:
 
 def payload_view(vector: torch.Tensor) -> memoryview:
     """The vector's bytes as a flat memoryview of its own memory, without a copy."""
-    if vector.dtype != torch.float32 or vector.device.type != "cpu" or not vector.is_contiguous():
+    try:  # numpy() refuses a GPU tensor, cast() a non-contiguous view: one check each, for free
+        array = (vector.detach() if vector.requires_grad else vector).numpy()
+        view = memoryview(array).cast("B")
+    except (TypeError, RuntimeError) as error:
+        raise ValueError("the wire carries contiguous CPU float32 vectors only") from error
+    if array.dtype != np.float32:
         raise ValueError("the wire carries contiguous CPU float32 vectors only")
-    return memoryview(vector.detach().reshape(-1).numpy()).cast("B")
+    return view
 
 
 def checksum(payload: Frame) -> int:
@@ -153,39 +159,55 @@ def _decode(frames: Sequence[Frame], expected_layout_hash: str, expected_count: 
         raise WireError("oversized", f"{len(payload)} payload bytes > {max_bytes}")
     header = _parse_header(header_bytes)
     _check_fields(header, expected_layout_hash)
-    if len(payload) != header["count"] * 4:
-        raise WireError("bad_length", f"{len(payload)} bytes for {header['count']} elements")
-    message = Message(header["kind"], header["sender"], header["round"], header["step"],
-                      _as_vector(payload, into), header.get("extra", {}))
-    check_message(message, expected_count)  # cheap passes first: a wrong kind or length costs no checksum
+    kind, sender, round_index, step, extra = (header["kind"], header["sender"], header["round"], header["step"],
+                                              header.get("extra", {}))
+    _check_values(kind, sender, round_index, step, extra)
+    count = header["count"]
+    if count != _length_of(kind, expected_count) or len(payload) != count * 4:
+        raise WireError("bad_length", f"{len(payload)} bytes for {count} elements, expected "
+                                      f"{_length_of(kind, expected_count)}")
+    # Cheap checks first: a wrong kind or length costs no pass over the payload. Then the
+    # checksum, whose pass brings the payload into the cache for the finiteness pass.
     if checksum(payload) != header["checksum"]:
         raise WireError("bad_checksum")
-    return message
+    vector = _as_vector(payload, into)
+    if not all_finite(vector):
+        raise WireError("non_finite")
+    return Message(kind, sender, round_index, step, vector, extra)
 
 
 def check_message(message: Message, expected_count: int) -> None:
     """Raise WireError unless `message` is one a valid encoder could send a model of
     `expected_count` elements: a known kind, sender/round/step ints in [0, MAX_INDEX], an
     `extra` map the header can carry, a 1-D float32 CPU vector of the kind's length
-    (`expected_count`, or 0 for control kinds), every value finite. `decode` applies it before
-    the checksum pass."""
-    if message.kind not in KINDS:
-        raise WireError("unknown_kind", excerpt(message.kind))
-    if not all(type(value) is int and 0 <= value <= MAX_INDEX
-               for value in (message.sender, message.round, message.step)):
-        raise WireError("bad_header", "sender, round or step is not an int in range")
-    if type(message.extra) is not dict:
-        raise WireError("bad_header", "extra is not a map")
-    if message.extra:
-        _check_structure(message.extra, depth=2)  # `extra` sits inside the header map
+    (`expected_count`, or 0 for control kinds), every value finite. `decode` applies the same
+    checks to what it reads."""
+    _check_values(message.kind, message.sender, message.round, message.step, message.extra)
     vector = message.vector
-    if not isinstance(vector, torch.Tensor) or vector.dtype != torch.float32 or vector.device.type != "cpu":
+    if not isinstance(vector, torch.Tensor) or vector.dtype != torch.float32 or not vector.is_cpu:
         raise WireError("wrong_dtype", "the vector is not a CPU float32 tensor")
-    count = expected_count if message.kind in VECTOR_KINDS else 0
+    count = _length_of(message.kind, expected_count)
     if vector.dim() != 1 or vector.numel() != count:
         raise WireError("bad_length", f"shape {tuple(vector.shape)}, expected ({count},)")
     if not all_finite(vector):
         raise WireError("non_finite")
+
+
+def _check_values(kind: Any, sender: Any, round_index: Any, step: Any, extra: Any) -> None:
+    if kind not in KINDS:
+        raise WireError("unknown_kind", excerpt(kind))
+    if not (type(sender) is int and type(round_index) is int and type(step) is int
+            and 0 <= sender <= MAX_INDEX and 0 <= round_index <= MAX_INDEX and 0 <= step <= MAX_INDEX):
+        raise WireError("bad_header", "sender, round or step is not an int in range")
+    if type(extra) is not dict:
+        raise WireError("bad_header", "extra is not a map")
+    if extra:
+        _check_structure(extra, depth=2)  # `extra` sits inside the header map
+
+
+def _length_of(kind: str, expected_count: int) -> int:
+    """The vector length a kind carries: the model's, or none for control kinds."""
+    return expected_count if kind in VECTOR_KINDS else 0
 
 
 def all_finite(vector: torch.Tensor) -> bool:
@@ -197,6 +219,8 @@ def all_finite(vector: torch.Tensor) -> bool:
 
 
 def _bytes_view(frame: Frame) -> memoryview:
+    if type(frame) is zmq.Frame:
+        return frame.buffer  # always a flat view of bytes
     try:
         view = memoryview(frame.buffer if isinstance(frame, zmq.Frame) else frame)
         return view if view.format == "B" and view.ndim == 1 else view.cast("B")
@@ -247,7 +271,7 @@ def _check_fields(header: dict[str, Any], layout_hash: str) -> None:
     if type(header.get("version")) is not int or header["version"] != PROTOCOL_VERSION:
         raise WireError("wrong_version", excerpt(header.get("version")))
     keys = header.keys()
-    if not (_FIELDS.keys() <= keys <= _FIELDS.keys() | {"extra"}):
+    if not (_REQUIRED_KEYS <= keys <= _ALLOWED_KEYS):
         raise WireError("bad_header", f"keys {excerpt(list(keys))}")
     for key, expected_type in _FIELDS.items():
         if type(header[key]) is not expected_type:
@@ -265,9 +289,10 @@ def _check_fields(header: dict[str, Any], layout_hash: str) -> None:
 
 
 def _as_vector(payload: memoryview, into: torch.Tensor | None) -> torch.Tensor:
-    array = np.frombuffer(payload, dtype=np.float32)
-    if into is None or into.numel() != array.size:  # a control kind's empty vector, or a wrong length
-        # A read-only source (bytes) must not be aliased by a tensor someone may write to.
-        return torch.from_numpy(array.copy() if payload.readonly else array)
-    np.copyto(into.numpy().reshape(-1), array)
-    return into
+    if not payload:  # a control kind's (torch.frombuffer refuses an empty buffer)
+        return torch.empty(0)
+    if into is not None:
+        np.copyto(into.numpy().reshape(-1), np.frombuffer(payload, dtype=np.float32))
+        return into
+    # A read-only source (bytes) must not be aliased by a tensor someone may write to.
+    return torch.frombuffer(bytearray(payload) if payload.readonly else payload, dtype=torch.float32)
