@@ -66,6 +66,15 @@ def test_the_window_refuses_far_future_rounds_but_records_the_claim(inbox):
     assert inbox.drops == {"too_far_ahead": 1} and inbox.claimed_rounds() == {1: 8}
 
 
+def test_once_a_sender_is_pinned_only_its_own_connection_claims_rounds_for_it(inbox):
+    inbox.offer(message(2, 9, 0), OTHER)  # node 2 is not pinned (as after a resume): any claim counts
+    receive(inbox, 0, 0, {1}, [(message(1, 0, 0), HONEST)])  # pins node 1 to HONEST
+    inbox.offer(message(1, 2, 0), OTHER)  # an impostor's claim for node 1
+    assert inbox.claimed_rounds() == {1: 0, 2: 9}
+    inbox.offer(message(1, 1, 0), HONEST)
+    assert inbox.claimed_rounds() == {1: 1, 2: 9}
+
+
 def test_kept_messages_beyond_the_window_are_discarded_once_the_base_is_known(inbox):
     inbox.offer(message(1, 100, 0), OTHER)  # before any receive there is no base to measure from
     receive(inbox, 0, 0, {1}, [(message(1, 0, 0), HONEST)])

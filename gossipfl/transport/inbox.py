@@ -12,7 +12,9 @@ otherwise it is kept for a later receive, within bounds a sender cannot stretch:
 - none kept longer than `ttl_s` (`expired`).
 
 It also keeps what messages tell about their senders. `claimed_rounds`: the newest round each
-sender claimed, as data for a rejoin policy (a claim, not an order). And whether a missing
+sender claimed, as data for a rejoin policy (a claim, not an order), counted over the
+connection that sender is pinned to once it is pinned (see below): an impostor who claims a far
+round for every neighbour of a running node must not make it skip rounds. And whether a missing
 sender has moved past the current step: ZeroMQ keeps each connection in order, so a later
 message over the connection that sender's last returned message came from proves its message
 for this step is not coming; a claim over any other connection (an impostor's, or a restarted
@@ -96,7 +98,9 @@ class Inbox:
         `authenticated` when that connection's key belongs to the message's sender."""
         kind, sender, position = message.kind, message.sender, (message.round, message.step)
         key = (kind, *position)
-        self._claims[sender] = max(self._claims.get(sender, -1), message.round)
+        pinned = self._pinned.get(sender, connection)
+        if authenticated or connection == pinned:  # a claim over the sender's own connection, or no pin yet
+            self._claims[sender] = max(self._claims.get(sender, -1), message.round)
         current = self._current
         if authenticated or connection == self._pinned.get(sender):
             self._passed[kind, sender] = max(self._passed.get((kind, sender), position), position)
@@ -135,7 +139,8 @@ class Inbox:
         return got
 
     def claimed_rounds(self) -> dict[int, int]:
-        """Per sender, the newest round of any message it sent (kept, late or too far ahead)."""
+        """Per sender, the newest round of any message it sent (kept, late or too far ahead) over
+        its pinned connection, or over any while it has none (a node that just started or resumed)."""
         return dict(self._claims)
 
     def _pin(self, sender: int, connection: bytes) -> None:
