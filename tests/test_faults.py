@@ -51,8 +51,10 @@ def stop(run_dir):
 def test_a_killed_node_costs_two_deadlines_at_most_is_restarted_readmitted_and_reported_when_it_stays_dead(
         small_config, tmp_path):
     run_dir = tmp_path / "run"
+    # Rounds of tens of ms, not a few: a resumed node rejoins one round ahead of its neighbours'
+    # newest claim, and loses that race if they finish a round before it has trained one.
     cfg = small_config(topology__nodes=4, rounds=100_000, gossip__steps=2, deploy__deadline_s=DEADLINE,
-                       deploy__checkpoint_every=1)
+                       deploy__checkpoint_every=1, train__local_steps=12)
     thread, summary = launched(cfg, run_dir, restart="on-failure", max_restarts=1)
     try:
         wait_for(lambda: len(read_rows(run_dir, 1)) >= 3, 90, "node 1 to finish three rounds")
