@@ -98,11 +98,11 @@ class Inbox:
         `authenticated` when that connection's key belongs to the message's sender."""
         kind, sender, position = message.kind, message.sender, (message.round, message.step)
         key = (kind, *position)
-        pinned = self._pinned.get(sender, connection)
-        if authenticated or connection == pinned:  # a claim over the sender's own connection, or no pin yet
+        own = authenticated or connection == self._pinned.get(sender)  # the sender's own connection
+        if own or sender not in self._pinned:  # a claim, over its own connection or while it has none
             self._claims[sender] = max(self._claims.get(sender, -1), message.round)
         current = self._current
-        if authenticated or connection == self._pinned.get(sender):
+        if own:
             self._passed[kind, sender] = max(self._passed.get((kind, sender), position), position)
             if current is not None and kind == current[0] and position > current[1:]:
                 self._waiting.discard(sender)

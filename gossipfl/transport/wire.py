@@ -162,10 +162,9 @@ def _decode(frames: Sequence[Frame], expected_layout_hash: str, expected_count: 
     kind, sender, round_index, step, extra = (header["kind"], header["sender"], header["round"], header["step"],
                                               header.get("extra", {}))
     _check_values(kind, sender, round_index, step, extra)
-    count = header["count"]
-    if count != _length_of(kind, expected_count) or len(payload) != count * 4:
-        raise WireError("bad_length", f"{len(payload)} bytes for {count} elements, expected "
-                                      f"{_length_of(kind, expected_count)}")
+    count, expected = header["count"], _length_of(kind, expected_count)
+    if count != expected or len(payload) != count * 4:
+        raise WireError("bad_length", f"{len(payload)} bytes for {count} elements, expected {expected}")
     # Cheap checks first: a wrong kind or length costs no pass over the payload. Then the
     # checksum, whose pass brings the payload into the cache for the finiteness pass.
     if checksum(payload) != header["checksum"]:
@@ -219,10 +218,10 @@ def all_finite(vector: torch.Tensor) -> bool:
 
 
 def _bytes_view(frame: Frame) -> memoryview:
-    if type(frame) is zmq.Frame:
+    if isinstance(frame, zmq.Frame):
         return frame.buffer  # always a flat view of bytes
     try:
-        view = memoryview(frame.buffer if isinstance(frame, zmq.Frame) else frame)
+        view = memoryview(frame)
         return view if view.format == "B" and view.ndim == 1 else view.cast("B")
     except (TypeError, ValueError) as error:
         raise WireError("bad_frames", "a frame is not a contiguous byte buffer") from error
