@@ -130,6 +130,7 @@ class Run:
     wall_s: float
     accuracy: list[float]          # each node's last evaluated accuracy
     summaries: list[dict[str, Any]]
+    missing: int                   # neighbour messages that did not arrive in time, over all nodes and steps
     proxy: dict[str, int]          # the proxy's counters (empty on loopback)
     capped_bytes: int = 0
 
@@ -158,13 +159,14 @@ def wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout_s: float) 
         assert code == 0, log.read_text()[-3000:]
 
 
-def results(out: Path, n: int, started: float) -> tuple[float, list[float], list[dict[str, Any]]]:
+def results(out: Path, n: int, started: float) -> tuple[float, list[float], list[dict[str, Any]], int]:
     run_dir = out / tomllib.loads((out / node_file(0)).read_text())["deploy"]["run_dir"]
     rows = [[json.loads(line) for line in (node_dir(run_dir, i) / "metrics.jsonl").read_text().splitlines()]
             for i in range(n)]
     accuracy = [next(r["accuracy"] for r in reversed(node_rows) if "accuracy" in r) for node_rows in rows]
     summaries = [json.loads((node_dir(run_dir, i) / "summary.json").read_text()) for i in range(n)]
-    return time.monotonic() - started, accuracy, summaries
+    missing = sum(r["missing"] for node_rows in rows for r in node_rows)
+    return time.monotonic() - started, accuracy, summaries, missing
 
 
 def run_on_loopback(raw: dict[str, Any], graph: Path, work: Path, n: int, timeout_s: float = 90) -> Run:
@@ -203,20 +205,21 @@ def run_on_lan(raw: dict[str, Any], graph: Path, work: Path, n: int, impairment:
         started = time.monotonic()
         procs = [lan.spawn(lan.hosts[i], node_command(i), logs[i], cwd=out) for i in range(n)]
         wait_all(procs, logs, timeout_s)
-        wall_s, accuracy, summaries = results(out, n, started)
+        done = results(out, n, started)
         capped = lan.capped_bytes(host) if impairment.mbit else 0
         stop_all([proxy], grace=3.0)
-        return Run(wall_s, accuracy, summaries, json.loads(stats.read_text()) if stats.exists() else {}, capped)
+        return Run(*done, json.loads(stats.read_text()) if stats.exists() else {}, capped)
     finally:
         lan.close()
 
 
-def wait_ready(log: Path, proc: subprocess.Popen, timeout_s: float = 10) -> None:
+def wait_ready(log: Path, proc: subprocess.Popen, timeout_s: float = 10, word: str = "ready", times: int = 1) -> None:
+    """Until the proxy has printed `word` `times` times ("ready": it listens)."""
     end = time.monotonic() + timeout_s
-    while "ready" not in log.read_text():
+    while log.read_text().split().count(word) < times:
         if proc.poll() is not None or time.monotonic() > end:
-            raise AssertionError(f"the proxy did not start:\n{log.read_text()}")
-        time.sleep(0.05)
+            raise AssertionError(f"the proxy did not print {word!r}:\n{log.read_text()}")
+        time.sleep(0.02)
 
 
 def hosts_file(work: Path, addresses: list[str]) -> Path:

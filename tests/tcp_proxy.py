@@ -8,6 +8,10 @@ host:port forwards to its TARGET host:port. Every chunk read is written on D ms 
 draw within +-J) later, never before an earlier chunk of the same direction (TCP keeps order);
 each connection is reset R seconds after it opened (an RST both ways, as a dead NAT entry or a
 flapping link does; the peers reconnect, and what was in flight is lost). Prints "ready" once it listens; on SIGTERM it writes its counters to FILE as JSON.
+
+For tests that need a loss at a chosen moment: on SIGUSR1 it swallows whatever any connection
+carries (a link gone dead) and prints "swallowing"; on SIGUSR2 it resets every open connection,
+forwards again and prints "reset".
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class Proxy:
     impairment: Impairment
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     counters: Counters = field(default_factory=Counters)
+    swallowing: bool = False
+    open: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = field(default_factory=set)
 
     async def pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One direction: read, hold each chunk until it is due, write; EOF passes through."""
@@ -66,6 +72,8 @@ class Proxy:
         try:
             due, imp = 0.0, self.impairment
             while data := await reader.read(CHUNK):
+                if self.swallowing:
+                    continue
                 due = max(due, loop.time() + imp.delay_s + self.rng.uniform(-imp.jitter_s, imp.jitter_s))
                 await queue.put((due, data))
             await queue.put((due, b""))
@@ -82,11 +90,13 @@ class Proxy:
         self.counters.connections += 1
         reset_s = self.impairment.reset_s
         timer = asyncio.get_running_loop().call_later(reset_s, self.reset, client, upstream) if reset_s else None
+        self.open.add((client, upstream))
         try:
             await asyncio.gather(self.pump(client_reader, upstream), self.pump(upstream_reader, client))
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.open.discard((client, upstream))
             if timer is not None:
                 timer.cancel()
             client.transport.abort()
@@ -101,6 +111,16 @@ class Proxy:
             writer.transport.abort()
         self.counters.resets += 1
 
+    def swallow(self) -> None:
+        self.swallowing = True
+        print("swallowing", flush=True)
+
+    def reset_all(self) -> None:
+        for pair in list(self.open):
+            self.reset(*pair)
+        self.swallowing = False
+        print("reset", flush=True)
+
 
 def host_port(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
@@ -112,7 +132,10 @@ async def main(routes: list[tuple[tuple[str, int], tuple[str, int]]], impairment
     servers = [await asyncio.start_server(lambda r, w, t=target: proxy.serve(r, w, t), *listen)
                for listen, target in routes]
     stopped = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopped.set)
+    loop.add_signal_handler(signal.SIGUSR1, proxy.swallow)
+    loop.add_signal_handler(signal.SIGUSR2, proxy.reset_all)
     print("ready", flush=True)
     await stopped.wait()
     for server in servers:

@@ -1,6 +1,7 @@
 """ZmqTransport over real sockets on 127.0.0.1: exchange, deadlines, late and hostile messages,
 CurveZMQ, and one peer in a separate OS process."""
 
+import signal
 import stat
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 import torch
 import zmq
 
+import netns
+from gossipfl.runtimes import stop_all
 from gossipfl.transport import keys, wire
 from gossipfl.transport.base import Message
 from gossipfl.transport.limits import Limits
@@ -122,6 +125,53 @@ def test_request_reply_between_two_peers(network):
     b.send(0, Message("pair_reply", 1, request.round, request.step, request.vector + 1))
     reply = a.receive("pair_reply", 5, 0, {1})
     assert torch.equal(reply[1].vector, vector(1))
+
+
+@pytest.mark.parametrize("sender_waits", [False, True], ids=["sender-trains", "sender-waits"])
+def test_a_message_lost_to_a_connection_reset_is_resent_once_the_connection_is_back(tmp_path, sender_waits):
+    """Node 0 reaches node 1 through tests/tcp_proxy.py, which swallows node 0's message and then
+    resets the connection, as a dead NAT entry does. ZeroMQ reconnects but would not resend, and
+    node 1 would wait its whole deadline; node 0 resends once its DEALER has reconnected, from the
+    I/O thread while it trains, or from its own receive while it waits for node 1; only what node 1
+    may still wait for."""
+    a_end, b_end, proxy_end = free_endpoints(3)
+    log = tmp_path / "proxy.log"
+    with log.open("wb") as out:
+        proxy = subprocess.Popen([sys.executable, str(netns.PROXY), f"{proxy_end[6:]}={b_end[6:]}"],
+                                 stdout=out, stderr=subprocess.STDOUT)
+    transports, waiting = [], None
+    try:
+        netns.wait_ready(log, proxy)
+        a = ZmqTransport(0, a_end, {1: proxy_end}, LAYOUT, SIZE, deadline_s=10.0)
+        transports.append(a)
+        b = ZmqTransport(1, b_end, {0: a_end}, LAYOUT, SIZE, deadline_s=10.0)
+        transports.append(b)
+        a.send(1, model(0, 0, 0))
+        assert sorted(b.receive("model", 0, 0, {0})) == [0]  # the link works
+        b.send(0, model(1, 0, 1))  # node 1 is at step 1 now: node 0's step 0 is not awaited any more
+        assert sorted(a.receive("model", 0, 1, {1})) == [1]
+        proxy.send_signal(signal.SIGUSR1)
+        netns.wait_ready(log, proxy, word="swallowing")
+        a.send(1, model(0, 0, 1, value=7))
+        time.sleep(0.2)  # it has left node 0, and the proxy swallowed it
+        if sender_waits:
+            waiting = threading.Thread(target=a.receive, args=("model", 0, 2, {1}))
+            waiting.start()
+            time.sleep(0.1)  # node 0's own thread reads its ROUTER now
+        proxy.send_signal(signal.SIGUSR2)
+        netns.wait_ready(log, proxy, word="reset")
+        started = time.monotonic()
+        got = b.receive("model", 0, 1, {0})
+        assert sorted(got) == [0] and torch.equal(got[0].vector, vector(7))
+        assert time.monotonic() - started < 3.0  # a reconnection (libzmq retries every 0.1 s), not the deadline
+        assert a.resent == {1: 1} and set(b.rejected) <= {"connection_broken"}  # the reset, seen or not yet
+        b.send(0, model(1, 0, 2))
+    finally:
+        if waiting is not None:
+            waiting.join(timeout=15)  # its receive ends at node 1's message or at its deadline
+        for transport in transports:
+            transport.close()
+        stop_all([proxy], grace=2.0)
 
 
 def test_send_never_blocks_and_queues_at_most_hwm_for_a_dead_peer():

@@ -206,7 +206,8 @@ class NodeProcess:
         self.best_effort("final.npy", lambda: save_array(self.dir / "final.npy", self.node.vector.numpy()), attempts=5)
         merged = self.final_merge() if cfg.deploy.final_merge and completed == cfg.rounds - 1 else {}
         summary = {"node": self.id, "rounds_completed": completed + 1, "stopped_early": completed < cfg.rounds - 1,
-                   **merged, "bytes_sent": self.transport.bytes_sent, "rejected": dict(self.transport.rejected),
+                   **merged, "bytes_sent": self.transport.bytes_sent, "resent": self.transport.resent.total(),
+                   "rejected": dict(self.transport.rejected),
                    **self.node.counters.as_dict(), "observed": self.node.counters.state(), "io_errors": self.io_errors,
                    "wall_seconds": time.perf_counter() - started,
                    "max_rss_mb": peak_rss_mb()}
@@ -239,7 +240,8 @@ class NodeProcess:
             evaluate = (r + 1) % cfg.eval.every == 0 or r == cfg.rounds - 1
             record = {"node": self.id, "round": r, "train_loss": loss, **(self.evaluate() if evaluate else {}),
                       "bytes_sent": self.transport.bytes_sent, "received": stats.received,
-                      "missing": stats.missing, "rejected": dict(self.transport.rejected),
+                      "missing": stats.missing, "resent": self.transport.resent.total(),
+                      "rejected": dict(self.transport.rejected),
                       **self.node.counters.as_dict(), "io_errors": self.io_errors,
                       "liveness": as_document(self.transport.liveness()),
                       "round_seconds": time.perf_counter() - round_start, "train_seconds": train_seconds,

@@ -38,6 +38,7 @@ class Transport(ABC):
         # Incoming messages and connections dropped, by reason (bad_checksum, late, connection_idle, ...).
         self.rejected: Counter[str] = Counter()
         self.send_drops: Counter[int] = Counter()  # outgoing messages dropped at a full queue, by destination
+        self.resent: Counter[int] = Counter()  # messages sent again after a connection came back, by destination
 
     @abstractmethod
     def send(self, dst: int, message: Message) -> None:

@@ -15,7 +15,22 @@ model). Whoever reads admits or drops the message and answers a status query at 
 Sending never blocks: each DEALER queues at most `hwm` messages (also while its peer is not
 connected yet, so nodes may start in any order), and a message it cannot queue is dropped and
 counted in `send_drops`. Queued messages are zero-copy views, so a dead peer pins at most `hwm`
-snapshots, which a node shares among all its neighbours.
+snapshots (twice that with the copies kept for resending, see below), which a node shares among
+all its neighbours.
+
+A connection that drops loses what was in flight on it: in kernel buffers, a NAT, a proxy.
+ZeroMQ reconnects but does not resend, so in lock-step gossip the neighbour would wait for those
+messages until its deadline. Instead, each DEALER's monitor reports the drop, and this node
+resends what that neighbour may still wait for (counted in `resent`): of the last `hwm` messages
+sent to it, those sent within `deadline_s` (no receive waits longer) and not before the newest
+position it was heard at (a lock-step node that sent its message for a step has finished the
+steps before). A copy that had arrived is dropped there as a duplicate or late. The resend is
+queued before anything newer, at the first send after the drop or at the new handshake,
+whichever comes first: a newer message ahead of it would tell the receiver that the older ones
+are not coming (see `inbox`). Monitors are read at every send, by the I/O thread when they
+report, and every RECONNECT_CHECK_MS while a receive waits with nothing arriving. Asynchronous
+gossip resends nothing: its next message supersedes a lost one, and an old one resent after a
+newer one would replace it (`inbox.Latest` keeps the last to arrive).
 
 Receiving treats every peer as possibly hostile (see docs/deployment.md, "Threat model"). Each
 message passes, in order: a per-connection rate limit (before any decoding), `wire.decode`, then
@@ -39,7 +54,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -64,11 +79,13 @@ MAX_LOGGED = 1000  # distinct (peer, reason) pairs logged; a reconnecting attack
 KEEPALIVE_PROBES = 3  # unanswered TCP keepalive probes before the kernel drops a connection
 BATCH = 64  # messages a reader takes before it looks at the clock or its stop signal again
 MAX_ERRORS_LOGGED = 10  # failures of the I/O thread itself (not of a message) that are logged
+RECONNECT_CHECK_MS = 50  # while a receive waits with nothing arriving, how often it looks for reconnections
 HANDOVER_S = 0.02  # how long the node's thread leaves the ROUTER alone before the I/O thread reads it
 DRAIN_BUDGET_S = 0.5  # the longest `claimed_rounds` spends taking in what is queued, even under a flood
 DRAIN_GAP_MS = 5  # how long that waits for libzmq to refill the ROUTER's queue from the kernel
 NODE, IO = "node", "io"  # who reads the ROUTER
 STATUS = "status"
+UP, OWED, RESENT = "up", "owed", "resent"  # a DEALER's link: connected; dropped, resend owed; dropped, resent
 EMPTY = torch.empty(0)
 
 
@@ -128,6 +145,13 @@ class ZmqTransport(Transport):
         self._epoch = 0
         self._refill = self.limits.burst if asynchronous else 1
         self._last_sent: tuple[Message, list] | None = None
+        # The DEALERs, their monitors and what was last sent to each, guarded by `_send_lock`: the
+        # node's thread sends, whichever thread reads the ROUTER resends after a reconnection.
+        self._send_lock = threading.Lock()
+        self._monitors: dict[int, zmq.Socket] = {}  # peer -> its DEALER's monitor
+        self._sent_to: dict[int, deque[tuple[float, Message, list]]] = {}  # peer -> its newest sends: when, what, frames
+        self._heard_at: dict[tuple[int, str], tuple[int, int]] = {}  # (peer, kind) -> the newest position it sent
+        self._links: dict[int, str] = {}  # peer -> UP, OWED or RESENT; absent while it never connected
         self._owns_context = context is None
         self.context = zmq.Context(io_threads=1) if context is None else context
         self._auth, self._listed, self._node_of_key = None, None, {}
@@ -190,6 +214,9 @@ class ZmqTransport(Transport):
             dealer.curve_secretkey = curve.secret_key
             dealer.curve_publickey = curve.public_key
             dealer.curve_serverkey = curve.allowed_public_keys[peer]
+        if not self.asynchronous:
+            monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            self._monitors[peer] = monitor
         dealer.connect(endpoint)
 
     def _start_io(self) -> None:
@@ -209,7 +236,19 @@ class ZmqTransport(Transport):
     def send(self, dst: int, message: Message) -> None:
         if dst not in self._dealers:
             raise ValueError(f"node {dst} is not a peer of node {self.node_id}")
-        dealer, frames = self._dealers[dst], self._encoded(message)
+        frames = self._encoded(message)
+        with self._send_lock:
+            self._catch_up(dst)
+            if self._queue(dst, frames):
+                self._sent_to.setdefault(dst, deque(maxlen=self.hwm)).append((time.monotonic(), message, frames))
+            else:
+                self.send_drops[dst] += 1
+                return
+        self._count(message)
+
+    def _queue(self, dst: int, frames: list) -> bool:
+        """Queue `frames` on `dst`'s DEALER without blocking; False when its queue is full."""
+        dealer = self._dealers[dst]
         try:
             dealer.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -219,9 +258,8 @@ class ZmqTransport(Transport):
             try:
                 dealer.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                self.send_drops[dst] += 1
-                return
-        self._count(message)
+                return False
+        return True
 
     def _encoded(self, message: Message) -> list:
         """Encode once per message: a node sends the same snapshot to every neighbour, and the
@@ -249,7 +287,8 @@ class ZmqTransport(Transport):
                 remaining_ms = math.ceil((until - time.monotonic()) * 1000)
                 if remaining_ms <= 0:
                     break
-                self._take_one(remaining_ms)
+                if not self._take_one(min(remaining_ms, RECONNECT_CHECK_MS)):
+                    self._resend_after_reconnections()  # maybe what this node waits for waits for it
                 with self._lock:
                     until = self._waits_until(start)
             with self._lock:
@@ -330,13 +369,16 @@ class ZmqTransport(Transport):
 
     def _serve(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_end, zmq.POLLIN)
+        for sock in (self._router, self._wake_end, *self._monitors.values()):
+            poller.register(sock, zmq.POLLIN)
         try:
             while self._await_turn():
-                while self._wake_end not in dict(poller.poll()):
+                while self._wake_end not in (ready := dict(poller.poll())):
                     try:
-                        self._take_queued()
+                        if self._router in ready:
+                            self._take_queued()
+                        if ready.keys() - {self._router}:  # the rest are the DEALERs' monitors
+                            self._resend_after_reconnections()
                     except Exception:  # the thread must outlive any failure; a message's own are caught below
                         self._io_errors += 1
                         if self._io_errors <= MAX_ERRORS_LOGGED:
@@ -361,18 +403,19 @@ class ZmqTransport(Transport):
 
     # --- whichever thread reads the ROUTER ---
 
-    def _take_one(self, timeout_ms: int) -> None:
+    def _take_one(self, timeout_ms: int) -> bool:
         """Wait at most `timeout_ms` for one message and admit it: a blocking receive, cheaper
-        than a poll and a receive (the node's thread only)."""
+        than a poll and a receive (the node's thread only). False when none came."""
         self._router.setsockopt(zmq.RCVTIMEO, timeout_ms)  # a quarter of the cost of `rcvtimeo =`
         try:
             frames = self._recv_frames(0)
         except zmq.Again:
             self._connections.drained_at = math.inf  # nothing came
-            return
+            return False
         if self._connections.drained_at == math.inf:
             self._connections.drained_at = time.monotonic()
         self._admit_safely(frames)
+        return True
 
     def _take_queued(self) -> None:
         """Admit what is queued, at most BATCH messages (then the reader looks at its clock or
@@ -425,8 +468,47 @@ class ZmqTransport(Transport):
             return self._reject("spoofed_sender", peer)
         connection.valid_at = now = time.monotonic()
         with self._lock:
+            position, heard = (message.round, message.step), (message.sender, message.kind)
+            self._heard_at[heard] = max(self._heard_at.get(heard, position), position)
             self._inbox.offer(message, routing_id.bytes, authenticated=bool(self._node_of_key))
             self._liveness.heard(message.sender, (message.kind, message.round, message.step), now)
+
+    def _resend_after_reconnections(self) -> None:
+        """Read every DEALER's monitor, resending to each neighbour whose connection came back."""
+        with self._send_lock:
+            for peer in self._monitors:
+                self._follow_link(peer)
+
+    def _catch_up(self, peer: int) -> None:
+        """Before anything newer is queued for `peer` (under `_send_lock`): take in what its
+        monitor reported, and queue a resend owed since a drop."""
+        self._follow_link(peer)
+        if self._links.get(peer) == OWED:
+            self._resend(peer, RESENT)
+
+    def _follow_link(self, peer: int) -> None:
+        """Take in what `peer`'s DEALER monitor reported (under `_send_lock`). A drop of a
+        connection that never completed its handshake (the peer was not listening) lost nothing."""
+        monitor = self._monitors.get(peer)
+        while monitor is not None and monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = int.from_bytes(monitor.recv()[:2], "little")  # frames: event and value, endpoint
+            monitor.recv()
+            state = self._links.get(peer)
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if state == OWED:
+                    self._resend(peer, UP)
+                self._links[peer] = UP
+            elif state == UP:  # EVENT_DISCONNECTED of a connection that worked
+                self._links[peer] = OWED
+
+    def _resend(self, peer: int, state: str) -> None:
+        """Queue again what `peer` may still wait for (see the module's docstring); its link is
+        `state` after."""
+        since = time.monotonic() - self.deadline_s
+        for sent_at, message, frames in list(self._sent_to.get(peer, ())):
+            if sent_at >= since and (message.round, message.step) >= self._heard_at.get((peer, message.kind), (-1, -1)):
+                self.resent[peer] += self._queue(peer, frames)
+        self._links[peer] = state
 
     def _answer_status(self, routing_id: zmq.Frame, request: Message) -> None:
         """Reply over the query's own connection: the status callback's document, this node's
@@ -494,6 +576,12 @@ class ZmqTransport(Transport):
         self._io = self._wake = self._wake_end = None  # a second close only closes closed sockets
         if self._connections is not None:
             self._connections.close()
+        with self._send_lock:
+            for peer in self._monitors:  # a node's last messages may be what a reset lost: the linger may
+                self._catch_up(peer)     # deliver them once the connection is back
+        for monitor in self._monitors.values():
+            monitor.close(linger=0)
+        self._monitors.clear()
         for socket in self._dealers.values():
             socket.close(linger=int(linger_s * 1000))
         if self._router is not None:
