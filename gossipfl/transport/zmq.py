@@ -576,10 +576,7 @@ class ZmqTransport(Transport):
         self._io = self._wake = self._wake_end = None  # a second close only closes closed sockets
         if self._connections is not None:
             self._connections.close()
-        with self._send_lock:
-            for peer in self._monitors:  # a node's last messages may be what a reset lost: the linger may
-                self._catch_up(peer)     # deliver them once the connection is back
-        for monitor in self._monitors.values():
+        for monitor in self._monitors.values():  # no resend here: a finished neighbour's closing also drops links
             monitor.close(linger=0)
         self._monitors.clear()
         for socket in self._dealers.values():
