@@ -213,10 +213,10 @@ def run_on_lan(raw: dict[str, Any], graph: Path, work: Path, n: int, impairment:
         lan.close()
 
 
-def wait_ready(log: Path, proc: subprocess.Popen, timeout_s: float = 10, word: str = "ready", times: int = 1) -> None:
-    """Until the proxy has printed `word` `times` times ("ready": it listens)."""
+def wait_ready(log: Path, proc: subprocess.Popen, timeout_s: float = 10, word: str = "ready") -> None:
+    """Until the proxy has printed `word` ("ready": it listens)."""
     end = time.monotonic() + timeout_s
-    while log.read_text().split().count(word) < times:
+    while word not in log.read_text().split():
         if proc.poll() is not None or time.monotonic() > end:
             raise AssertionError(f"the proxy did not print {word!r}:\n{log.read_text()}")
         time.sleep(0.02)
